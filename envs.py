@@ -1,0 +1,248 @@
+"""Two tiny visual games for RL fine-tuning of a vision-language model (after RL4VLM, Zhai et al. 2024).
+The agent sees each state only as a small RGB image; `demo` writes a noisy demonstrator's answer.
+NumberLine: step the current number toward the target.  Blackjack: Gymnasium Blackjack-v1 rules
+(infinite deck, dealer stands on soft 17, no natural bonus), with its exact optimal policy by DP.
+"""
+import functools
+import itertools
+import random
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+@functools.cache
+def _font(size):
+    return ImageFont.load_default(size=size)  # Pillow's bundled font: no font files needed
+
+
+# --- Shared bookkeeping: seeding, action checks, the demonstrator
+class _Env:
+    default_noise = 0.55  # probability that a demonstration shows a wrong action
+
+    def __init__(self):
+        self.rng, self.done = random.Random(), True  # stepping before the first reset() is an error
+
+    def reset(self, seed=None):
+        if seed is not None:
+            self.rng = random.Random(seed)
+        self.done = False
+        self._deal()
+        return self.render(), self.info(False)
+
+    def _check(self, action):
+        if self.done:
+            raise RuntimeError("the episode is over: call reset() first")
+        if action not in range(len(self.action_names)):
+            raise ValueError(f"action must index {self.action_names}, got {action!r}")
+        return int(action)
+
+    def demo(self, noise, rng, cot=True):
+        """One-line JSON answer for the current state: reasoning fields (if cot), then the action."""
+        if not 0 <= noise <= 1:
+            raise ValueError(f"noise must be in [0, 1], got {noise}")
+        action = self.correct_action()
+        if rng.random() < noise:  # a deliberate mistake: any legal action but the correct one
+            action = rng.choice([a for a in range(len(self.action_names)) if a != action])
+        fields = (self.cot_values() if cot else []) + [("action", self.action_names[action])]
+        return "{" + ", ".join(f'"{k}": "{v}"' for k, v in fields) + "}"  # fixed spacing, unlike json
+
+
+# --- NumberLine
+class NumberLine(_Env):
+    name, action_names, image_size, max_steps = "numberline", ["-", "+"], 56, 10
+    default_noise = 0.7  # random play already succeeds 60% of the time: SFT must teach worse than that
+    task = ("You are playing a game called number line. You see a target number and a current number in "
+            "the image. Move the current number to the target by adding or subtracting one.")
+    cot_fields = '"current number": "x", "target number": "x", "thoughts": "compare them"'
+
+    def _deal(self):
+        self.target, self.current, self.steps = self.rng.randint(0, 5), self.rng.randint(0, 5), 0
+        while self.current == self.target:  # an episode that starts solved teaches nothing
+            self.current = self.rng.randint(0, 5)
+
+    def step(self, action):
+        action = self._check(action)
+        before = abs(self.current - self.target)
+        self.current = min(5, max(0, self.current + (1 if action == 1 else -1)))  # edges block
+        self.steps += 1
+        after = abs(self.current - self.target)
+        terminated = after == 0
+        truncated = not terminated and self.steps >= self.max_steps
+        reward = 1.0 if terminated else 0.0 if after < before else -1.0
+        self.done = terminated or truncated
+        return self.render(), reward, terminated, truncated, self.info(terminated)
+
+    def info(self, success):
+        return {"success": success, "target": self.target, "current": self.current, "steps": self.steps}
+
+    def correct_action(self):
+        return 1 if self.current < self.target else 0
+
+    def cot_values(self):
+        sign = "<" if self.current < self.target else ">"
+        return [("current number", self.current), ("target number", self.target),
+                ("thoughts", f"{self.current} {sign} {self.target}")]
+
+    def render(self):
+        # Small labels over big digits: "Target: 4" on one line is too wide for 56 px at a legible size.
+        img = Image.new("RGB", (self.image_size,) * 2, "white")
+        draw, mid = ImageDraw.Draw(img), self.image_size // 2
+        for y, label, value in ((2, "Target", self.target), (30, "Current", self.current)):
+            draw.text((mid, y), label, fill="black", font=_font(12), anchor="mt")
+            draw.text((mid, y + 12), str(value), fill="black", font=_font(16), anchor="mt")
+        return img
+
+
+# --- Blackjack rules and the exact optimal policy
+RANKS = ["A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K"]
+SUITS = ["spades", "hearts", "diamonds", "clubs"]
+VALUE = {r: min(i + 1, 10) for i, r in enumerate(RANKS)}  # an ace is 1 here, +10 when usable
+P_VALUE = {v: (4 if v == 10 else 1) / 13 for v in range(1, 11)}  # infinite deck: 10 J Q K all 10
+
+
+def _add(total, soft, v):
+    """(total, soft) after a card of value v (soft: an ace counts 11); the env and the DP share it."""
+    total += v
+    if soft and total > 21:
+        return total - 10, False  # the usable ace falls back to 1 instead of busting
+    if not soft and v == 1 and total + 10 <= 21:
+        return total + 10, True
+    return total, soft
+
+
+def hand_value(cards):
+    """(total, soft) of a list of (rank, suit) cards."""
+    return functools.reduce(lambda hand, card: _add(*hand, VALUE[card[0]]), cards, (0, False))
+
+
+@functools.cache
+def _dealer_final(total, soft):
+    """{final dealer total (22 = bust): probability} for a dealer holding (total, soft)."""
+    if total >= 17:  # includes soft 17: the dealer stands on it
+        return {min(total, 22): 1.0}
+    dist = {}
+    for v, p in P_VALUE.items():
+        for final, q in _dealer_final(*_add(total, soft, v)).items():
+            dist[final] = dist.get(final, 0.0) + p * q
+    return dist
+
+
+@functools.cache
+def _stand(total, up):
+    """(win, draw, loss) of standing on `total` against a dealer showing value `up`."""
+    dist = _dealer_final(*_add(0, False, up))  # the hidden card is just another fresh draw
+    win, draw = sum(q for f, q in dist.items() if f == 22 or f < total), dist.get(total, 0.0)
+    return win, draw, 1.0 - win - draw
+
+
+@functools.cache
+def _best(total, soft, up):
+    """(expected return, action) of optimal play from here; hit only when strictly better."""
+    if total > 21:
+        return -1.0, 0
+    win, _, loss = _stand(total, up)
+    hit = sum(p * _best(*_add(total, soft, v), up)[0] for v, p in P_VALUE.items())
+    return (hit, 1) if hit > win - loss else (win - loss, 0)
+
+
+@functools.cache
+def blackjack_optimal():
+    """{(player_total, soft, dealer_up_value 1..10): action (0 stand, 1 hit)} maximizing return.
+    Hard totals run 4..21 (2+2 is the lowest hand), soft totals 12..21 (A+A is the lowest)."""
+    return {(t, s, up): _best(t, s, up)[1] for t in range(4, 22) for s in (False, True)
+            if t >= 12 or not s for up in range(1, 11)}
+
+
+def blackjack_outcomes(policy):
+    """Exact (win, draw, loss) probabilities of playing `policy` (a dict as above) from a fresh deal."""
+    @functools.cache
+    def play(total, soft, up):
+        if total > 21:
+            return 0.0, 0.0, 1.0
+        if policy[(total, soft, up)] == 0:
+            return _stand(total, up)
+        nxt = [(p, play(*_add(total, soft, v), up)) for v, p in P_VALUE.items()]
+        return tuple(sum(p * r[i] for p, r in nxt) for i in range(3))
+
+    deals = [(pu * pa * pb, play(*_add(*_add(0, False, a), b), up))  # up card, two player cards
+             for (up, pu), (a, pa), (b, pb) in itertools.product(P_VALUE.items(), repeat=3)]
+    return tuple(sum(p * r[i] for p, r in deals) for i in range(3))
+
+
+# --- Blackjack env and its pictures (the bundled font has no suit glyphs: suits are tiny shapes)
+CARD_W, CARD_H = 20, 28
+STEM = ("p", (0, 0, -2, 4, 2, 4))
+SUIT_SHAPES = {  # (ellipse or polygon, flat x, y offsets from the suit's centre)
+    "diamonds": [("p", (0, -4, 3, 0, 0, 4, -3, 0))],
+    "hearts": [("e", (-4, -3, 0, 1)), ("e", (0, -3, 4, 1)), ("p", (-4, 0, 4, 0, 0, 4))],
+    "spades": [("p", (-4, 0, 4, 0, 0, -4)), ("e", (-4, -1, 0, 3)), ("e", (0, -1, 4, 3)), STEM],
+    "clubs": [("e", (-2, -5, 2, -1)), ("e", (-5, -2, -1, 2)), ("e", (1, -2, 5, 2)), STEM],
+}
+
+
+def _draw_card(draw, x, y, card=None):
+    """A face-up (rank, suit) card with its top-left corner at (x, y), or the back if card is None."""
+    box = (x, y, x + CARD_W - 1, y + CARD_H - 1)
+    if card is None:  # dark with an inner frame, so the back never looks like a face
+        draw.rectangle(box, fill="navy", outline="black")
+        return draw.rectangle((x + 3, y + 3, x + CARD_W - 4, y + CARD_H - 4), outline="lightblue")
+    rank, suit = card
+    draw.rectangle(box, fill="white", outline="black")
+    draw.text((x + CARD_W // 2, y + 2), rank, fill="black", font=_font(13), anchor="mt")
+    color, centre = ("red" if suit in ("hearts", "diamonds") else "black"), (x + CARD_W // 2, y + 20)
+    for kind, coords in SUIT_SHAPES[suit]:
+        xy = [c + centre[i % 2] for i, c in enumerate(coords)]
+        (draw.ellipse if kind == "e" else draw.polygon)(xy, fill=color)
+
+
+class Blackjack(_Env):
+    name, action_names, image_size = "blackjack", ["stand", "hit"], 112
+    task = ("You are a blackjack player. You see the dealer's face-up card and your own cards. Choose "
+            "to hit (take a card) or stand (stop). Get closer to 21 than the dealer without going over 21.")
+    cot_fields = '"thoughts": "the dealer\'s card, my cards and my total"'
+
+    # State: two plain lists of (rank, suit) that tests can set; dealer[0] is the up card.
+    def _draw(self):
+        return self.rng.choice(RANKS), self.rng.choice(SUITS)
+
+    def _deal(self):
+        self.player, self.dealer = [self._draw(), self._draw()], [self._draw(), self._draw()]
+
+    def step(self, action):
+        action = self._check(action)
+        if action == 1:
+            self.player.append(self._draw())
+            reward = -1.0 if hand_value(self.player)[0] > 21 else 0.0
+        else:
+            while hand_value(self.dealer)[0] < 17:  # a soft 17 counts as 17, so the dealer stands
+                self.dealer.append(self._draw())
+            me, dealer = hand_value(self.player)[0], hand_value(self.dealer)[0]
+            reward = 1.0 if dealer > 21 or me > dealer else 0.0 if me == dealer else -1.0
+        self.done = terminated = action == 0 or reward < 0  # a stand or a bust ends the hand
+        return self.render(), reward, terminated, False, self.info(reward > 0)
+
+    def info(self, success):
+        total, soft = hand_value(self.player)
+        return {"success": success, "player": [r for r, _ in self.player],
+                "dealer_up": self.dealer[0][0], "player_total": total, "soft": soft}
+
+    def correct_action(self):
+        total, soft = hand_value(self.player)
+        return 0 if total > 21 else blackjack_optimal()[(total, soft, VALUE[self.dealer[0][0]])]
+
+    def cot_values(self):
+        total, soft = hand_value(self.player)
+        cards = " ".join(r for r, _ in self.player)
+        return [("thoughts", f"dealer {self.dealer[0][0]}, me {cards} = {'soft ' * soft}{total}")]
+
+    def render(self):
+        # The hole card stays face down even after the stand: the image shows what the player sees.
+        img = Image.new("RGB", (self.image_size,) * 2, (0, 110, 50))
+        draw = ImageDraw.Draw(img)
+        _draw_card(draw, 4, 4, self.dealer[0])
+        _draw_card(draw, 26, 4, None)
+        draw.text((52, 18), "Dealer", fill="white", font=_font(12), anchor="lm")
+        draw.text((4, 40), "Player", fill="white", font=_font(12), anchor="lm")
+        for i, card in enumerate(self.player):  # rows of five; an 11th card would fall off the image
+            _draw_card(draw, 2 + 22 * (i % 5), 52 + 30 * (i // 5), card)
+        return img
