@@ -80,9 +80,14 @@ class Config:
     invalid_penalty: float = 1.0   # subtracted from the reward of an invalid answer
     eval_episodes: int = 0         # per-env preset when not given
     seed: int = 1
+    save_every: int = 1            # checkpoint every N PPO updates (cheap for the tiny model)
+    resume: str = ""               # an --out-dir to continue from its checkpoint.pt
     out_dir: str = ""              # default runs/<env>-s<seed>
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "float32"         # float32 | bfloat16 | float16
+    lora_rank: int = 0             # > 0: train LoRA adapters on the language model (+ value head) only
+    lora_alpha: float = 16.0
+    gradient_checkpointing: bool = False
 
 
 PRESETS = {  # tuned for the tiny model on a 2-core CPU
@@ -101,14 +106,23 @@ def parse_config(argv=None):
         else:
             p.add_argument(flag, type=f.type, default=None, help=f"default: {f.default}")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    ckpt = None
+    if given.get("resume"):  # continue a run: its own config, unless a flag overrides it
+        path = os.path.join(given["resume"], "checkpoint.pt")
+        if not os.path.isfile(path):
+            p.error(f"--resume {given['resume']!r}: no checkpoint.pt in that directory")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if given.setdefault("env", ckpt["config"]["env"]) != ckpt["config"]["env"]:
+            p.error(f"--resume {given['resume']!r} is a {ckpt['config']['env']} run, not {given['env']}")
+        given = {**ckpt["config"], "out_dir": given["resume"], **given}
     if given.get("env", Config.env) not in ENVS:
         p.error(f"unknown env {given['env']!r}; choose from {sorted(ENVS)}")
     cfg = Config(**{**PRESETS[given.get("env", Config.env)], **given})
     for bad, msg in [(not 0 <= cfg.thought_coef <= 1, "--thought-coef must be in [0, 1]"),
                      (not 0 < cfg.temperature <= 10, "--temperature must be in (0, 10]"),
                      (not 0 < cfg.lr < 1 or not 0 < cfg.sft_lr < 1, "learning rates must be in (0, 1)"),
-                     (min(cfg.num_envs, cfg.num_steps, cfg.minibatch_size, cfg.sft_batch) < 1,
-                      "--num-envs, --num-steps, --minibatch-size and --sft-batch must be >= 1"),
+                     (min(cfg.num_envs, cfg.num_steps, cfg.minibatch_size, cfg.sft_batch, cfg.save_every) < 1,
+                      "--num-envs, --num-steps, --minibatch-size, --sft-batch and --save-every must be >= 1"),
                      (min(cfg.total_steps, cfg.sft_steps, cfg.eval_episodes) < 0, "step counts must be >= 0"),
                      (cfg.demo_noise > 1, "--demo-noise must be <= 1"),
                      (cfg.dtype not in ("float32", "bfloat16", "float16"), f"unknown --dtype {cfg.dtype!r}"),
@@ -117,7 +131,7 @@ def parse_config(argv=None):
         if bad:
             p.error(msg)
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.env}-s{cfg.seed}"
-    return cfg
+    return cfg, ckpt
 
 
 # --- prompt: task, legal actions, answer format (CoT fields first, then the action) ---
@@ -209,12 +223,50 @@ class Agent(nn.Module):
                                 for i in [self.tokenizer.convert_tokens_to_ids(getattr(processor, t))]})
 
 
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A x, with W frozen and B = 0 at the start (Hu et al. 2021)."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.A = nn.Parameter(torch.randn(rank, base.in_features, dtype=base.weight.dtype) / base.in_features ** 0.5)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
+
+    def merged(self):
+        """The plain nn.Linear with the adapter folded in, for a checkpoint any transformers can load."""
+        self.base.weight.data += self.scale * (self.B @ self.A).to(self.base.weight.dtype)
+        return self.base
+
+
+def add_lora(vlm, rank, alpha):
+    """Adapters on every linear layer of the language model (not the vision tower, not lm_head);
+    all original weights frozen."""
+    vlm.requires_grad_(False)
+    lm = vlm.get_decoder() if hasattr(vlm, "get_decoder") else vlm.model.language_model
+    for name, module in list(lm.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, rank, alpha))
+
+
+def merge_lora(vlm):
+    for module in list(vlm.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, child_name, child.merged())
+
+
 def load_agent(cfg, env_cls):
     from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
     dtype = getattr(torch, cfg.dtype)
     if not cfg.model:
         vlm, processor = build_tiny_model(env_cls, cfg.seed)
     else:
+        from huggingface_hub.utils import logging as hub_logging
+        hub_logging.set_verbosity_error()  # one error line below instead of a retry log
         try:
             vlm = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
             processor = AutoProcessor.from_pretrained(cfg.model)
@@ -223,6 +275,10 @@ def load_agent(cfg, env_cls):
     # Published generation configs (top_k, repetition_penalty, ...) would change the sampled
     # distribution away from softmax(logits / T): replace the whole config.
     vlm.generation_config = GenerationConfig()
+    if cfg.gradient_checkpointing:
+        (getattr(vlm, "activation_checkpointing_enable", None) or vlm.gradient_checkpointing_enable)()
+    if cfg.lora_rank:
+        add_lora(vlm, cfg.lora_rank, cfg.lora_alpha)
     agent = Agent(vlm, processor)
     head = os.path.join(cfg.model, "value_head.pt")
     if cfg.model and os.path.exists(head):
@@ -233,18 +289,25 @@ def load_agent(cfg, env_cls):
 # --- rollout: one batched generate call samples every environment's answer ---
 def encode_prompts(agent, images, text):
     """Left-padded prompt batch: one image and the same prompt text per environment."""
+    bos = agent.tokenizer.bos_token  # a chat template that already wrote BOS must not get a second
     return agent.processor(images=[[im] for im in images], text=[text] * len(images), return_tensors="pt",
-                           padding=True, padding_side="left", add_special_tokens="<s>" not in text[:20])
+                           padding=True, padding_side="left", add_special_tokens=not (bos and text.startswith(bos)))
+
+
+def sampling_kwargs(agent, temperature, max_new_tokens):
+    """generate() settings that sample from exactly softmax(logits / T): no top-k (which
+    transformers applies by default), no top-p, no repetition penalty."""
+    tok = agent.tokenizer
+    return dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                max_new_tokens=max_new_tokens, suppress_tokens=agent.suppress or None,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
 @torch.no_grad()
 def generate(agent, inputs, temperature, max_new_tokens):
-    """Sample answers from exactly softmax(logits / T): no top-k/top-p/penalties."""
+    """Sample one answer per prompt; returns a list of 1-D token tensors, each cut after its EOS."""
     tok = agent.tokenizer
-    out = agent.vlm.generate(**inputs, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                             repetition_penalty=1.0, max_new_tokens=max_new_tokens,
-                             suppress_tokens=agent.suppress or None, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
+    out = agent.vlm.generate(**inputs, **sampling_kwargs(agent, temperature, max_new_tokens))
     answers = out[:, inputs["input_ids"].shape[1]:].cpu()  # [B, M]
     # keep each answer up to and including its first EOS
     ids = []
@@ -377,6 +440,7 @@ def evaluate(agent, env_cls, cfg, episodes, seed):
     """Success rate over `episodes` whole episodes (each env plays its share; no bias toward
     short episodes) and the invalid-answer rate."""
     agent.eval()
+    torch.manual_seed(seed)  # the same sampling noise for every evaluation of the same seed
     n = min(cfg.num_envs * 2, episodes)
     runner = Runner(agent, env_cls, n, seed, cfg)
     quota = [episodes // n + (i < episodes % n) for i in range(n)]
@@ -401,7 +465,7 @@ def sft(agent, env_cls, cfg):
     text = prompt_text(agent.processor, build_prompt(env_list[0], not cfg.no_cot))
     rng = random.Random(cfg.seed)
     noise = env_cls.default_noise if cfg.demo_noise < 0 else cfg.demo_noise
-    opt = torch.optim.AdamW(agent.vlm.parameters(), lr=cfg.sft_lr)
+    opt = torch.optim.AdamW([p for p in agent.vlm.parameters() if p.requires_grad], lr=cfg.sft_lr)
     eos = agent.tokenizer.eos_token
     agent.train()
     for step in (bar := tqdm(range(cfg.sft_steps), desc="sft")):
@@ -422,12 +486,11 @@ def sft(agent, env_cls, cfg):
 
 
 # --- PPO: rollout -> GAE -> minibatch epochs ---
-def train(agent, env_cls, cfg, log):
-    opt = torch.optim.AdamW(agent.parameters(), lr=cfg.lr, eps=1e-5)
-    runner = Runner(agent, env_cls, cfg.num_envs, cfg.seed * 1009, cfg)
+def train(agent, opt, runner, cfg, state, log, save):
+    """PPO updates from state["update"] + 1 on; `save` checkpoints after every `save_every`."""
     S, E = cfg.num_steps, cfg.num_envs
     updates = cfg.total_steps // (S * E)
-    bar = tqdm(range(1, updates + 1), desc="ppo")
+    bar = tqdm(range(state["update"] + 1, updates + 1), desc="ppo", initial=state["update"], total=updates)
     for update in bar:
         t0 = time.time()
         agent.eval()
@@ -471,9 +534,12 @@ def train(agent, env_cls, cfg, log):
                 dev = logp.device
                 loss, pg, vl, st = ppo_loss(logp, old_logp[mb].to(dev), advantages[mb].to(dev), value,
                                             returns[mb].to(dev), cfg.clip, cfg.vf_coef)
+                if not torch.isfinite(loss):  # NaN/inf in log-probs or values: stop before the step
+                    sys.exit(f"vlm_rl.py: error: non-finite loss in PPO update {update}; the last good "
+                             f"checkpoint (update {state['update']}) is kept in {cfg.out_dir}")
                 opt.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+                nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.max_grad_norm)
                 opt.step()
                 stats.append([pg.item(), vl.item(), st["approx_kl"], st["clip_frac"]])
         pg, vl, kl, cf = np.mean(stats, 0)
@@ -482,6 +548,9 @@ def train(agent, env_cls, cfg, log):
                "invalid_rate": invalid / (S * E), "policy_loss": pg, "value_loss": vl,
                "approx_kl": kl, "clip_frac": cf, "seconds": time.time() - t0}
         log(row)
+        state["update"] = update
+        if update % cfg.save_every == 0 or update == updates:
+            save()
         bar.set_postfix(success=f"{row['train_success']:.2f}", invalid=f"{row['invalid_rate']:.1%}",
                         pg=f"{pg:.3f}", v=f"{vl:.3f}", kl=f"{kl:.3f}")
 
@@ -514,12 +583,22 @@ def draw_curve(rows, sft_success, rl_success, path, window=10):
     img.save(path)
 
 
+def save_checkpoint(path, agent, opt, runner, state):
+    """Everything needed to go on: weights, optimizer, RNG states, environments, metrics so far.
+    Written to a temporary file, then renamed: a crash never leaves half a checkpoint."""
+    torch.save({**state, "agent": agent.state_dict(), "opt": opt.state_dict(),
+                "runner": (runner.envs, runner.obs, runner.rng),
+                "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state())}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None):
-    cfg = parse_config(argv)
+    cfg, ckpt = parse_config(argv)
     t_start = time.time()
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        open(os.path.join(cfg.out_dir, ".write_test"), "w").close()
+        with open(os.path.join(cfg.out_dir, "metrics.csv"), "a"):
+            pass
     except OSError as e:
         sys.exit(f"vlm_rl.py: error: cannot write to --out-dir {cfg.out_dir!r}: {e.strerror}")
     random.seed(cfg.seed)
@@ -529,29 +608,49 @@ def main(argv=None):
     agent = load_agent(cfg, env_cls)
     print(f"model: {cfg.model or 'built-in tiny Llava'} ({sum(p.numel() for p in agent.parameters()) / 1e6:.2f}M "
           f"parameters), env: {cfg.env}, device: {cfg.device}")
-    if cfg.sft_steps:
-        sft(agent, env_cls, cfg)
     eval_seed = 10 ** 6 + cfg.seed  # the same evaluation episodes before and after RL
-    sft_success, sft_invalid = evaluate(agent, env_cls, cfg, cfg.eval_episodes, eval_seed)
+    if ckpt is None:
+        if cfg.sft_steps:
+            sft(agent, env_cls, cfg)
+        sft_success, sft_invalid = evaluate(agent, env_cls, cfg, cfg.eval_episodes, eval_seed)
+        state = {"config": dataclasses.asdict(cfg), "update": 0, "rows": [], "sft": (sft_success, sft_invalid)}
+    else:
+        agent.load_state_dict(ckpt["agent"])
+        state = {k: ckpt[k] for k in ("config", "update", "rows", "sft")}
+        sft_success, sft_invalid = state["sft"]
+        print(f"resuming {cfg.out_dir} after PPO update {state['update']}")
     print(f"after SFT: success {sft_success:.3f}, invalid {sft_invalid:.1%} ({cfg.eval_episodes} episodes)")
-    rows = []
+    opt = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
+    runner = Runner(agent, env_cls, cfg.num_envs, cfg.seed * 1009, cfg)
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["opt"])
+        runner.envs, runner.obs, runner.rng = ckpt["runner"]
+        random.setstate(ckpt["rng"][0])
+        np.random.set_state(ckpt["rng"][1])
+        torch.set_rng_state(ckpt["rng"][2])
+        del ckpt
+    rows = state["rows"]
+    path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    save = lambda: save_checkpoint(path, agent, opt, runner, state)
+    if state["update"] == 0 and cfg.total_steps:
+        save()  # the SFT'd agent: a crash during RL never repeats SFT
+    columns = ["update", "env_steps", "train_success", "invalid_rate", "policy_loss", "value_loss", "approx_kl",
+               "clip_frac", "seconds"]
     with open(os.path.join(cfg.out_dir, "metrics.csv"), "w", newline="") as f:
-        writer = None
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)  # on resume: exactly the rows of the checkpoint, none twice
 
         def log(row):
-            nonlocal writer
             rows.append(row)
-            if writer is None:
-                writer = csv.DictWriter(f, fieldnames=list(row))
-                writer.writeheader()
             writer.writerow(row)
             f.flush()
-        if cfg.total_steps:
-            train(agent, env_cls, cfg, log)
+        train(agent, opt, runner, cfg, state, log, save)
     rl_success, rl_invalid = (evaluate(agent, env_cls, cfg, cfg.eval_episodes, eval_seed) if rows
                               else (sft_success, sft_invalid))
     print(f"after RL: success {rl_success:.3f}, invalid {rl_invalid:.1%} ({cfg.eval_episodes} episodes)")
     model_dir = os.path.join(cfg.out_dir, "model")
+    merge_lora(agent.vlm)  # the saved checkpoint is a plain model: --model loads it with transformers alone
     agent.vlm.save_pretrained(model_dir)
     agent.processor.save_pretrained(model_dir)
     torch.save(agent.value_head.state_dict(), os.path.join(model_dir, "value_head.pt"))

@@ -1,0 +1,581 @@
+import json
+import random
+
+import pytest
+
+from envs import Blackjack, NumberLine, blackjack_optimal, blackjack_outcomes, hand_value
+
+
+def numberline(current, target):
+    env = NumberLine()
+    env.reset(seed=0)
+    env.current, env.target = current, target
+    return env
+
+
+# --- NumberLine
+
+def test_numberline_moves_and_rewards():
+    env = numberline(1, 3)
+    _, r, term, trunc, info = env.step(1)
+    assert (r, term, trunc, info["current"], info["success"]) == (0.0, False, False, 2, False)
+    _, r, _, _, _ = env.step(0)
+    assert r == -1.0 and env.current == 1
+    env.step(1)
+    _, r, term, trunc, info = env.step(1)
+    assert (r, term, trunc, info["success"], info["steps"]) == (1.0, True, False, True, 4)
+
+
+def test_numberline_blocked_at_edges():
+    env = numberline(0, 3)
+    _, r, term, _, _ = env.step(0)
+    assert (r, term, env.current) == (-1.0, False, 0)
+    env = numberline(5, 2)
+    _, r, _, _, _ = env.step(1)
+    assert (r, env.current) == (-1.0, 5)
+
+
+def test_numberline_truncates_at_ten_steps():
+    env = numberline(2, 4)
+    for i in range(10):
+        _, r, term, trunc, info = env.step(0)
+        assert not term and trunc == (i == 9) and not info["success"]
+    with pytest.raises(RuntimeError):
+        env.step(0)
+
+
+def test_numberline_start_differs_and_seed_determinism():
+    env = NumberLine()
+    for _ in range(500):
+        _, info = env.reset()
+        assert info["current"] != info["target"] and 0 <= info["current"] <= 5
+    img1, info1 = env.reset(seed=7)
+    img2, info2 = NumberLine().reset(seed=7)
+    assert info1 == info2 and img1.tobytes() == img2.tobytes()
+    assert img1.size == (56, 56) and img1.mode == "RGB"
+
+
+def test_bad_action_and_step_after_done():
+    env = NumberLine()
+    with pytest.raises(RuntimeError):
+        env.step(0)  # never reset
+    env.reset(seed=1)
+    for bad in (-1, 2):
+        with pytest.raises(ValueError):
+            env.step(bad)
+    env = numberline(3, 4)
+    env.step(1)
+    with pytest.raises(RuntimeError):
+        env.step(1)
+
+
+# --- Blackjack rules
+
+def cards(*ranks):
+    return [(r, "spades") for r in ranks]
+
+
+def blackjack(player, dealer, seed=0):
+    env = Blackjack()
+    env.reset(seed=seed)
+    env.player, env.dealer = cards(*player), cards(*dealer)
+    return env
+
+
+def test_hand_value_usable_ace():
+    assert hand_value(cards("A", "6")) == (17, True)
+    assert hand_value(cards("A", "6", "9")) == (16, False)
+    assert hand_value(cards("A", "A")) == (12, True)
+    assert hand_value(cards("A", "K")) == (21, True)
+    assert hand_value(cards("K", "Q", "5")) == (25, False)
+
+
+def test_hit_bust_and_safe_hit():
+    env = blackjack(["K", "Q"], ["5", "5"])
+    _, r, term, trunc, info = env.step(1)
+    assert (r, term, trunc, info["success"]) == (-1.0, True, False, False)
+    env = blackjack(["2", "3"], ["5", "5"])
+    _, r, term, _, info = env.step(1)
+    assert (r, term, len(info["player"])) == (0.0, False, 3)
+
+
+def test_dealer_stands_on_soft_17_and_hits_16():
+    env = blackjack(["10", "8"], ["A", "6"])
+    _, r, term, _, info = env.step(0)
+    assert len(env.dealer) == 2 and (r, term, info["success"]) == (1.0, True, True)
+    env = blackjack(["10", "8"], ["10", "6"])
+    env.step(0)
+    assert len(env.dealer) >= 3
+
+
+@pytest.mark.parametrize("player, dealer, reward", [
+    (["10", "9"], ["10", "8"], 1.0), (["10", "8"], ["10", "8"], 0.0),
+    (["10", "7"], ["10", "8"], -1.0), (["10", "2"], ["10", "6"], 1.0)])
+def test_stand_comparison(player, dealer, reward):
+    env = blackjack(player, dealer)
+    env._draw = lambda: ("K", "clubs")  # the dealer's 16 draws a K and busts
+    _, r, term, _, info = env.step(0)
+    assert (r, term, info["success"]) == (reward, True, reward > 0)
+
+
+def test_dp_reference_values():
+    win, draw, loss = blackjack_outcomes(blackjack_optimal())
+    assert abs(win - 0.4295) < 1e-3 and abs(draw - 0.0945) < 1e-3 and abs(loss - 0.4760) < 1e-3
+    stand = blackjack_outcomes({k: 0 for k in blackjack_optimal()})
+    assert abs(stand[0] - 0.3807) < 1e-3
+    policy = blackjack_optimal()
+    assert policy[(20, False, 10)] == 0 and policy[(11, False, 10)] == 1 and policy[(12, True, 5)] == 1
+
+
+def test_monte_carlo_matches_dp():
+    env, wins, n = Blackjack(), 0, 20000
+    env.render = lambda: None  # pictures are tested elsewhere; drawing 50k of them costs ~15 s
+    env.reset(seed=123)
+    for _ in range(n):
+        env.reset()
+        while True:
+            *_, term, _, info = env.step(env.correct_action())
+            if term:
+                wins += info["success"]
+                break
+    assert abs(wins / n - blackjack_outcomes(blackjack_optimal())[0]) < 0.015
+
+
+def test_blackjack_rendering():
+    env = Blackjack()
+    img, _ = env.reset(seed=3)
+    assert img.size == (112, 112) and img.mode == "RGB"
+    env.player = cards("2", "3")
+    a = env.render().tobytes()
+    env.player = cards("K", "3")
+    assert env.render().tobytes() != a
+    env.player = cards("A", "A", "2", "2", "3", "10", "Q")
+    assert env.render().size == (112, 112)
+
+
+# --- demonstrator
+
+def test_demo_noise_zero_is_correct_with_ordered_fields():
+    rng = random.Random(0)
+    env = numberline(1, 4)
+    assert env.demo(0, rng) == ('{"current number": "1", "target number": "4", '
+                                '"thoughts": "1 < 4", "action": "+"}')
+    env = blackjack(["A", "6"], ["10", "7"])
+    assert env.demo(0, rng) == '{"thoughts": "dealer 10, me A 6 = soft 17", "action": "hit"}'
+    for env in (NumberLine(), Blackjack()):
+        for s in range(50):
+            env.reset(seed=s)
+            parsed = json.loads(env.demo(0.0, rng))
+            assert list(parsed)[-1] == "action"
+            assert parsed["action"] == env.action_names[env.correct_action()]
+    parsed = json.loads(numberline(4, 2).demo(0, rng))
+    assert list(parsed) == ["current number", "target number", "thoughts", "action"]
+    assert parsed["thoughts"] == "4 > 2"
+
+
+def test_demo_noise_one_wrong_and_no_cot():
+    rng = random.Random(1)
+    for env in (NumberLine(), Blackjack()):
+        for s in range(50):
+            env.reset(seed=s)
+            right, wrong = env.action_names[env.correct_action()], env.action_names[1 - env.correct_action()]
+            assert json.loads(env.demo(1.0, rng))["action"] == wrong
+            assert env.demo(0.0, rng, cot=False) == f'{{"action": "{right}"}}'
+        with pytest.raises(ValueError):
+            env.demo(1.5, rng)
+
+
+def test_demo_noise_fraction():
+    rng, env = random.Random(2), NumberLine()
+    env.reset(seed=0)
+    right = env.action_names[env.correct_action()]
+    hits = sum(json.loads(env.demo(0.55, rng, cot=False))["action"] == right for _ in range(2000))
+    assert abs(hits / 2000 - 0.45) < 0.04
+
+
+# --- vlm_rl: pure functions against brute-force references
+import csv
+import functools
+import math
+import os
+import subprocess
+import sys
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+import vlm_rl
+from vlm_rl import action_token_mask, answer_logprob, gae, parse_action, ppo_loss
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"thoughts": "1 < 4", "action": "+"}', 1),
+    ('{"action":"-"}', 0),
+    ('{"action" :  " + "}', 1),
+    ('{"thoughts": "x", "action": "Stand"}', None),  # not a NumberLine action
+    ('{"thoughts": "x", "action": "*"}', None),
+    ('{"thoughts": "x"}', None),
+    ("", None),
+    ('{"action": "+", "action": "-"}', 1),  # the first one wins
+    ('garbage "action": "-" trailing', 0),
+])
+def test_parse_action_numberline(text, expected):
+    action, split = parse_action(text, ["-", "+"])
+    assert action == expected
+    if expected is not None:
+        assert split == text.index('"action"')
+
+
+def test_parse_action_split_and_words():
+    text = '{"thoughts": "dealer K, me 8 K = 18", "action": "stand"}'
+    assert parse_action(text, ["stand", "hit"]) == (0, text.index('"action"'))
+    assert parse_action('{"action": "standing"}', ["stand", "hit"])[0] is None
+    assert parse_action('{"action": "HIT"}', ["stand", "hit"])[0] == 1
+    assert parse_action("no json at all", ["stand", "hit"]) == (None, len("no json at all"))
+
+
+def brute_force_returns(rewards, dones, next_value, gamma):
+    """Discounted return of each step, summed to the episode end or bootstrapped at the rollout end."""
+    S, E = rewards.shape
+    out = torch.zeros(S, E)
+    for e in range(E):
+        for t in range(S):
+            g, k, disc = 0.0, t, 1.0
+            while True:
+                g += disc * rewards[k, e]
+                if dones[k, e]:
+                    break
+                if k == S - 1:
+                    g += disc * gamma * next_value[e]
+                    break
+                k, disc = k + 1, disc * gamma
+            out[t, e] = g
+    return out
+
+
+def test_gae_lambda_one_equals_discounted_returns_with_episode_ends():
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(7, 3, generator=g), torch.randn(7, 3, generator=g)
+    dones = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 0], [0, 1, 1], [0, 0, 0], [1, 0, 0], [0, 0, 1]]).float()
+    next_value = torch.randn(3, generator=g)
+    adv, ret = gae(rewards, values, dones, next_value, 0.9, 1.0)
+    assert torch.allclose(ret, brute_force_returns(rewards, dones, next_value, 0.9), atol=1e-5)
+    assert torch.allclose(adv, ret - values)
+
+
+def test_gae_lambda_zero_is_one_step_td():
+    g = torch.Generator().manual_seed(1)
+    rewards, values, next_value = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g), torch.randn(2)
+    dones = torch.tensor([[0, 0], [1, 0], [0, 0], [0, 1], [0, 0]]).float()
+    adv, _ = gae(rewards, values, dones, next_value, 0.9, 0.0)
+    nxt = torch.cat([values[1:], next_value[None]])
+    assert torch.allclose(adv, rewards + 0.9 * nxt * (1 - dones) - values, atol=1e-6)
+
+
+@functools.cache
+def tokenizers_under_test():
+    """A byte-level character tokenizer (no merges) and a BPE with many merges."""
+    corpus = ['{"current number": "3", "target number": "1", "thoughts": "3 > 1", "action": "-"}',
+              '{"thoughts": "dealer K, me 8 K = 18", "action": "stand"}'] * 50
+    out = []
+    for vocab in (256 + 3, 400):
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+            vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        out.append(PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>"))
+    return out
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_lambda_logprob_and_split_against_per_token_loop(which):
+    tok = tokenizers_under_test()[which]
+    texts = ['{"current number": "3", "target number": "1", "thoughts": "3 > 1", "action": "-"}',
+             '{"thoughts": "dealer K, me 8 K = 18", "action": "stand"}',
+             '{"thoughts": "no action here"}',
+             '{"thoughts": "x","action": "hit"}']
+    ids = [torch.tensor(tok(t + "</s>", add_special_tokens=False)["input_ids"]) for t in texts]
+    if which == 1:
+        assert max(len(i) for i in ids) < len(texts[0]) // 2  # the BPE really merges
+    splits = [parse_action(t, ["stand", "hit", "-", "+"])[1] for t in texts]
+    mask = action_token_mask(tok, ids, splits)
+    M = max(len(i) for i in ids)
+    g = torch.Generator().manual_seed(0)
+    token_logp = -torch.rand(len(texts), M, generator=g)
+    valid = torch.zeros(len(texts), M, dtype=torch.bool)
+    for b, i in enumerate(ids):
+        valid[b, :len(i)] = True
+    token_logp[~valid] = float("-inf")  # padding may hold -inf: must not give NaN
+    lam = 0.3
+    got = answer_logprob(token_logp, mask, valid, lam)
+    for b, (i, text) in enumerate(zip(ids, texts)):
+        start, seen, ref = text.find('"action"'), "", 0.0
+        for k, tid in enumerate(i.tolist()):
+            piece = tok.decode([tid], skip_special_tokens=True)
+            in_action = start >= 0 and len(seen) + len(piece) > start
+            if tid == tok.eos_token_id:
+                in_action = start >= 0
+            ref += (1.0 if in_action else lam) * token_logp[b, k].item()
+            seen += piece
+        assert math.isclose(got[b].item(), ref, rel_tol=1e-5), (which, text)
+        if start >= 0:  # the first action token's text contains the start of '"action"'
+            k0 = int(mask[b].nonzero()[0])
+            before = tok.decode(i[:k0].tolist(), skip_special_tokens=True)
+            assert len(before) <= start < len(tok.decode(i[:k0 + 1].tolist()))
+        else:
+            assert not mask[b].any()
+
+
+def test_ppo_loss_ratio_one_and_clipping():
+    adv = torch.tensor([1.0, -1.0, 2.0, -0.5])
+    old = torch.tensor([-1.0, -2.0, -3.0, -0.5])
+    values, returns = torch.zeros(4), torch.ones(4)
+    loss, pg, vl, st = ppo_loss(old.clone(), old, adv, values, returns, 0.1, 0.5)
+    assert math.isclose(pg.item(), -adv.mean().item(), rel_tol=1e-6)
+    assert math.isclose(vl.item(), 0.5) and math.isclose(loss.item(), pg.item() + 0.25, rel_tol=1e-6)
+    assert st["clip_frac"] == 0 and abs(st["approx_kl"]) < 1e-7
+    logp = old + torch.log(torch.tensor([1.5, 1.5, 0.5, 0.95]))  # ratios
+    logp.requires_grad_(True)
+    _, pg, _, st = ppo_loss(logp, old, adv, values, returns, 0.1, 0.5)
+    ref = []
+    for r, a in zip([1.5, 1.5, 0.5, 0.95], adv.tolist()):
+        ref.append(max(-a * r, -a * min(max(r, 0.9), 1.1)))
+    assert math.isclose(pg.item(), sum(ref) / 4, rel_tol=1e-5)
+    assert st["clip_frac"] == 0.75
+    pg.backward()  # only where the clipped term is the pessimistic one (sample 0) is the gradient cut
+    assert logp.grad[0] == 0 and (logp.grad[1:] != 0).all()
+
+
+# --- vlm_rl: the tiny model through the real code path
+
+@functools.cache
+def tiny_agent():
+    cfg, _ = vlm_rl.parse_config(["--env", "numberline", "--device", "cpu"])
+    torch.manual_seed(0)
+    return vlm_rl.load_agent(cfg, NumberLine).eval(), cfg
+
+
+def test_sampled_distribution_equals_scored_logprobs():
+    agent, cfg = tiny_agent()
+    envs_ = [NumberLine() for _ in range(3)]
+    images = [e.reset(seed=i)[0] for i, e in enumerate(envs_)]
+    prompts = [vlm_rl.prompt_text(agent.processor, vlm_rl.build_prompt(envs_[0], cot)) for cot in (True, False)]
+    T = 0.7
+    for text in prompts:
+        inputs = vlm_rl.encode_prompts(agent, images, text)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            out = agent.vlm.generate(**inputs, **vlm_rl.sampling_kwargs(agent, T, 12), output_scores=True,
+                                     output_logits=True, return_dict_in_generate=True)
+        scores, logits = torch.stack(out.scores, 1), torch.stack(out.logits, 1)  # [B, M, V]
+        keep = torch.ones(scores.shape[-1], dtype=torch.bool)
+        keep[agent.suppress] = False
+        assert torch.isinf(scores[..., ~keep]).all()  # placeholder tokens are never sampled
+        assert torch.allclose(scores[..., keep], logits[..., keep] / T, atol=1e-5)  # softmax(logits / T) exactly
+        answers = out.sequences[:, inputs["input_ids"].shape[1]:]
+        gen_logp = torch.log_softmax(scores, -1).gather(-1, answers[..., None])[..., 0]
+        batch = [{"prompt": inputs["input_ids"][j][inputs["attention_mask"][j].bool()],
+                  "pixels": inputs["pixel_values"][j], "answer": answers[j]} for j in range(3)]
+        with torch.no_grad():
+            token_logp, valid, value = vlm_rl.score(agent, batch, T)
+            # the same samples, padded differently (another batch): identical log-probs
+            solo = vlm_rl.score(agent, batch[1:2], T)[0]
+        assert torch.allclose(token_logp, gen_logp, atol=1e-4)
+        assert torch.allclose(solo, token_logp[1:2], atol=1e-5)
+        assert value.shape == (3,)
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(HERE, "vlm_rl.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+TINY = ["--sft-steps", "30", "--total-steps", "64", "--num-envs", "8", "--num-steps", "4", "--epochs", "2",
+        "--minibatch-size", "16", "--eval-episodes", "8", "--max-new-tokens", "40", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("env", ["numberline", "blackjack"])
+def test_end_to_end_writes_outputs_and_is_reproducible(env, tmp_path):
+    runs = []
+    for k in range(2 if env == "numberline" else 1):
+        out = tmp_path / f"run{k}"
+        r = run_cli("--env", env, "--out-dir", str(out), *TINY)
+        assert r.returncode == 0, r.stderr[-2000:]
+        for f in ("metrics.csv", "summary.json", "curve.png", "model/config.json", "model/value_head.pt",
+                  "model/tokenizer.json"):
+            assert (out / f).exists(), f
+        rows = list(csv.DictReader(open(out / "metrics.csv")))
+        assert len(rows) == 2 and [int(r["env_steps"]) for r in rows] == [32, 64]
+        summary = json.load(open(out / "summary.json"))
+        for key in ("sft_success", "rl_success", "eval_episodes", "invalid_rate", "wall_seconds", "config"):
+            assert key in summary
+        assert 0 <= summary["rl_success"] <= 1 and summary["config"]["env"] == env
+        runs.append((open(out / "metrics.csv").read(), summary))
+    if len(runs) == 2:  # same seed -> same numbers (the seconds column aside)
+        strip = lambda text: [line.rsplit(",", 1)[0] for line in text.splitlines()]
+        assert strip(runs[0][0]) == strip(runs[1][0])
+        drop = lambda s: {**{k: v for k, v in s.items() if k != "wall_seconds"},
+                          "config": {k: v for k, v in s["config"].items() if k != "out_dir"}}
+        assert drop(runs[0][1]) == drop(runs[1][1])
+        # the saved agent loads back and evaluates: --sft-steps 0 --total-steps 0 --model <dir>
+        model_dir = str(tmp_path / "run0" / "model")
+        r = run_cli("--env", env, "--model", model_dir, "--sft-steps", "0", "--total-steps", "0",
+                    "--eval-episodes", "8", "--num-envs", "8", "--max-new-tokens", "40", "--out-dir",
+                    str(tmp_path / "eval"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.load(open(tmp_path / "eval" / "summary.json"))["sft_success"] == runs[0][1]["rl_success"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--env", "chess"], "unknown env 'chess'"),
+    (["--thought-coef", "1.5"], "--thought-coef"),
+    (["--thought-coef", "-0.1"], "--thought-coef"),
+    (["--temperature", "0"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--lr", "2"], "learning rates"),
+    (["--num-envs", "0"], "--num-envs"),
+    (["--num-envs", "three"], "--num-envs"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--resume", "/nonexistent-dir"], "no checkpoint.pt"),
+    (["--out-dir", "/proc/version/x"], "cannot write to --out-dir"),
+    (["--model", "does/not-exist"], "cannot load model 'does/not-exist'"),
+])
+def test_bad_input_is_one_line_error(args, words, tmp_path):
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if "--out-dir" not in args:
+        args = [*args, "--out-dir", str(tmp_path / "x")]
+    r = run_cli(*args, timeout=120)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_parser_is_total_on_hostile_text():
+    """>= 10,000 generated strings plus nasty cases: a legal action or None, never an exception,
+    a split inside the text, and bounded time even for a megabyte."""
+    import time
+    rng = random.Random(0)
+    parts = ['"action"', '"action":', ': ', '"', "stand", "hit", "+", "-", "{", "}", "\\", "\n", " ", "é", "🂡",
+             "\x00", '"thoughts": "', "action", "'", "[", "]", "null", "Stand", "standing", "\u202e", ",", "\\\""]
+    cases = ["", "{", '{"action": ', '{"action": "', '{"action": "hit', '{"action": {"action": "hit"}}',
+             '{"action": ["hit"]}', '{"action": "stand", "action": "hit"}', "__import__('os').system('true')",
+             '{"action": "hit"' + "}" * 10000, "x" * 1_000_000, '"action": "' * 100_000, "🂡" * 300_000]
+    cases += ["".join(rng.choice(parts) for _ in range(rng.randint(0, 30))) for _ in range(10_000)]
+    start = time.perf_counter()
+    for text in cases:
+        action, split = parse_action(text, ["stand", "hit"])
+        assert action in (None, 0, 1) and 0 <= split <= len(text)
+        if action is not None:
+            assert text.startswith('"action"', split)
+    assert time.perf_counter() - start < 5
+    assert parse_action('{"action": "stand", "action": "hit"}', ["stand", "hit"])[0] == 0  # the first wins
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
+    """SIGKILL mid-run, --resume: metrics.csv equals an uninterrupted run's, row for row."""
+    import signal
+    import time
+    args = ["--env", "numberline", "--sft-steps", "10", "--total-steps", "192", "--num-envs", "8", "--num-steps", "4",
+            "--epochs", "1", "--minibatch-size", "16", "--eval-episodes", "4", "--max-new-tokens", "40",
+            "--device", "cpu", "--save-every", "1"]
+    full = tmp_path / "full"
+    assert run_cli(*args, "--out-dir", str(full)).returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vlm_rl.py"), *args, "--out-dir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until two PPO updates are on disk, then kill mid-update
+        metrics = killed / "metrics.csv"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rows_at_kill = len((killed / "metrics.csv").read_text().splitlines()) - 1
+    assert 2 <= rows_at_kill < 6, "the run must be killed mid-training"
+    r = run_cli("--resume", str(killed))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" in r.stdout
+    strip = lambda p: [line.rsplit(",", 1)[0] for line in (p / "metrics.csv").read_text().splitlines()]
+    assert strip(killed) == strip(full)  # no duplicated or missing rows, and the same numbers
+    r = run_cli("--resume", str(killed), "--env", "blackjack")
+    assert r.returncode != 0 and "is a numberline run" in r.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    real_score, calls = vlm_rl.score, {"n": 0}
+
+    def poisoned(agent, batch, temperature):  # NaN log-probs from the 3rd PPO update's epochs on
+        token_logp, valid, value = real_score(agent, batch, temperature)
+        calls["n"] += torch.is_grad_enabled()
+        if calls["n"] > 2:
+            token_logp = token_logp * float("nan")
+        return token_logp, valid, value
+    monkeypatch.setattr(vlm_rl, "score", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as e:
+        vlm_rl.main(["--env", "numberline", "--sft-steps", "0", "--total-steps", "160", "--num-envs", "8",
+                     "--num-steps", "4", "--epochs", "1", "--minibatch-size", "32", "--eval-episodes", "2",
+                     "--max-new-tokens", "40", "--device", "cpu", "--out-dir", str(out)])
+    assert "non-finite loss in PPO update 3" in str(e.value.code)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["update"] == 2 and len(ckpt["rows"]) == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["agent"].values())
+
+
+def one_ppo_step(agent, lr=1e-2):
+    """A PPO minibatch step on a few sampled answers, through the real functions."""
+    env = NumberLine()
+    images = [env.reset(seed=i)[0] for i in range(4)]
+    text = vlm_rl.prompt_text(agent.processor, vlm_rl.build_prompt(env))
+    inputs = vlm_rl.encode_prompts(agent, images, text)
+    answers = vlm_rl.generate(agent, inputs, 1.0, 16)
+    batch = [{"prompt": inputs["input_ids"][j][inputs["attention_mask"][j].bool()], "pixels": inputs["pixel_values"][j],
+              "answer": answers[j]} for j in range(4)]
+    opt = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=lr)
+    token_logp, valid, value = vlm_rl.score(agent, batch, 1.0)
+    logp = answer_logprob(token_logp, torch.zeros_like(valid), valid, 0.5)
+    loss = ppo_loss(logp, logp.detach() - 0.01, torch.tensor([1.0, -1.0, 0.5, -0.5]), value, torch.ones(4), 0.1, 0.5)[0]
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return batch
+
+
+def test_lora_trains_only_adapters_and_value_head_and_merges_on_save(tmp_path):
+    cfg, _ = vlm_rl.parse_config(["--env", "numberline", "--device", "cpu", "--lora-rank", "4"])
+    torch.manual_seed(0)
+    agent = vlm_rl.load_agent(cfg, NumberLine)
+    n_lora = sum(isinstance(m, vlm_rl.LoRALinear) for m in agent.modules())
+    assert n_lora == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 Llama layers
+    before = {k: v.clone() for k, v in agent.state_dict().items()}
+    batch = one_ppo_step(agent)
+    changed = {k for k, v in agent.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.endswith((".A", ".B")) or k.startswith("value_head.") for k in changed), changed
+    assert any(k.endswith(".B") for k in changed) and any(k.startswith("value_head.") for k in changed)
+    with torch.no_grad():
+        ref = vlm_rl.score(agent, batch, 1.0)[0]
+        vlm_rl.merge_lora(agent.vlm)
+        assert not any(isinstance(m, vlm_rl.LoRALinear) for m in agent.modules())
+        agent.vlm.save_pretrained(tmp_path / "m")
+        agent.processor.save_pretrained(tmp_path / "m")
+        cfg2, _ = vlm_rl.parse_config(["--env", "numberline", "--device", "cpu", "--model", str(tmp_path / "m")])
+        reloaded = vlm_rl.load_agent(cfg2, NumberLine)
+        got = vlm_rl.score(reloaded, batch, 1.0)[0]
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_full_finetune_changes_base_weights_and_gradient_checkpointing_runs():
+    cfg, _ = vlm_rl.parse_config(["--env", "numberline", "--device", "cpu", "--gradient-checkpointing"])
+    torch.manual_seed(0)
+    agent = vlm_rl.load_agent(cfg, NumberLine).train()
+    before = {k: v.clone() for k, v in agent.state_dict().items()}
+    one_ppo_step(agent)
+    changed = {k for k, v in agent.state_dict().items() if not torch.equal(v, before[k])}
+    assert any("language_model" in k for k in changed) and any("value_head" in k for k in changed)
