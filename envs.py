@@ -17,7 +17,7 @@ def _font(size):
 
 # --- Shared bookkeeping: seeding, action checks, the demonstrator
 class _Env:
-    default_noise = 0.55  # probability that a demonstration shows a wrong action
+    default_noise = 0.5  # probability that a demonstration shows a wrong action (each game sets its own)
 
     def __init__(self):
         self.rng, self.done = random.Random(), True  # stepping before the first reset() is an error
@@ -197,6 +197,7 @@ def _draw_card(draw, x, y, card=None):
 
 class Blackjack(_Env):
     name, action_names, image_size = "blackjack", ["stand", "hit"], 112
+    default_noise = 0.4  # mostly right: a demonstrator that is mostly wrong teaches RL to always stand
     task = ("You are a blackjack player. You see the dealer's face-up card and your own cards. Choose "
             "to hit (take a card) or stand (stop). Get closer to 21 than the dealer without going over 21.")
     cot_fields = '"thoughts": "the dealer\'s card, my cards and my total"'

@@ -378,10 +378,9 @@ def test_sampled_distribution_equals_scored_logprobs():
         assert torch.allclose(scores[..., keep], logits[..., keep] / T, atol=1e-5)  # softmax(logits / T) exactly
         answers = out.sequences[:, inputs["input_ids"].shape[1]:]
         gen_logp = torch.log_softmax(scores, -1).gather(-1, answers[..., None])[..., 0]
-        batch = [{"prompt": inputs["input_ids"][j][inputs["attention_mask"][j].bool()],
-                  "pixels": inputs["pixel_values"][j], "answer": answers[j]} for j in range(3)]
+        batch = [{**vlm_rl.prompt_sample(inputs, j), "answer": answers[j]} for j in range(3)]
         with torch.no_grad():
-            token_logp, valid, value = vlm_rl.score(agent, batch, T)
+            token_logp, _, valid, value = vlm_rl.score(agent, batch, T)
             # the same samples, padded differently (another batch): identical log-probs
             solo = vlm_rl.score(agent, batch[1:2], T)[0]
         assert torch.allclose(token_logp, gen_logp, atol=1e-4)
@@ -512,11 +511,11 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     real_score, calls = vlm_rl.score, {"n": 0}
 
     def poisoned(agent, batch, temperature):  # NaN log-probs from the 3rd PPO update's epochs on
-        token_logp, valid, value = real_score(agent, batch, temperature)
+        token_logp, entropy, valid, value = real_score(agent, batch, temperature)
         calls["n"] += torch.is_grad_enabled()
         if calls["n"] > 2:
             token_logp = token_logp * float("nan")
-        return token_logp, valid, value
+        return token_logp, entropy, valid, value
     monkeypatch.setattr(vlm_rl, "score", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(SystemExit) as e:
@@ -536,10 +535,9 @@ def one_ppo_step(agent, lr=1e-2):
     text = vlm_rl.prompt_text(agent.processor, vlm_rl.build_prompt(env))
     inputs = vlm_rl.encode_prompts(agent, images, text)
     answers = vlm_rl.generate(agent, inputs, 1.0, 16)
-    batch = [{"prompt": inputs["input_ids"][j][inputs["attention_mask"][j].bool()], "pixels": inputs["pixel_values"][j],
-              "answer": answers[j]} for j in range(4)]
+    batch = [{**vlm_rl.prompt_sample(inputs, j), "answer": answers[j]} for j in range(4)]
     opt = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=lr)
-    token_logp, valid, value = vlm_rl.score(agent, batch, 1.0)
+    token_logp, _, valid, value = vlm_rl.score(agent, batch, 1.0)
     logp = answer_logprob(token_logp, torch.zeros_like(valid), valid, 0.5)
     loss = ppo_loss(logp, logp.detach() - 0.01, torch.tensor([1.0, -1.0, 0.5, -0.5]), value, torch.ones(4), 0.1, 0.5)[0]
     opt.zero_grad()
@@ -579,3 +577,235 @@ def test_full_finetune_changes_base_weights_and_gradient_checkpointing_runs():
     one_ppo_step(agent)
     changed = {k for k, v in agent.state_dict().items() if not torch.equal(v, before[k])}
     assert any("language_model" in k for k in changed) and any("value_head" in k for k in changed)
+
+
+def test_entropy_bonus_gradient_is_finite_with_suppressed_tokens():
+    agent, _ = tiny_agent()
+    agent.zero_grad()
+    env = NumberLine()
+    inputs = vlm_rl.encode_prompts(agent, [env.reset(seed=0)[0]] * 2, vlm_rl.prompt_text(agent.processor,
+                                                                                           vlm_rl.build_prompt(env)))
+    batch = [{**vlm_rl.prompt_sample(inputs, j), "answer": torch.tensor([5, 6, 2])} for j in range(2)]
+    _, entropy, valid, _ = vlm_rl.score(agent, batch, 0.5)
+    ref = torch.distributions.Categorical(logits=torch.zeros(len(agent.tokenizer))).entropy()
+    assert (entropy > 0).all() and (entropy <= ref + 1e-4).all()
+    entropy.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in agent.parameters() if p.grad is not None)
+    agent.zero_grad()
+
+
+# --- other architectures through the same code path: tiny random-weight models built offline
+# (a config, a BPE tokenizer trained on the game's text, the architecture's PIL image processor)
+from transformers import GenerationConfig  # noqa: E402
+
+
+# PaliGemma's processor builds its (unused) labels with np.array(..., copy=False): numpy 2 warns
+ARCH_WARNINGS = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def make_tokenizer(specials, **named):
+    """Byte-level BPE on the game's prompts; `named` special tokens become tokenizer attributes
+    (e.g. image_token="<image>"), which is where processors look for them."""
+    corpus = [vlm_rl.build_prompt(e(), cot) for e in (NumberLine, Blackjack) for cot in (True, False)] * 4
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>", *specials], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   extra_special_tokens=named)
+
+
+def text_ids(tok):
+    return dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id)
+
+
+LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+             max_position_embeddings=512)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+
+
+def llava_next():
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextProcessor)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    tok = make_tokenizer(["<image>"], image_token="<image>")
+    image_proc = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                            image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
+    processor = LlavaNextProcessor(image_processor=image_proc, tokenizer=tok, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    config = LlavaNextConfig(vision_config=CLIPVisionConfig(**VISION, image_size=28, patch_size=14),
+                             text_config=LlamaConfig(**LLAMA, **text_ids(tok)),
+                             image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                             image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
+    return LlavaNextForConditionalGeneration(config), processor
+
+
+QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}"
+                 "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+
+
+def image_only(processor_cls):
+    """`processor_cls` without its video processor, which needs torchvision (even to be built);
+    images do not use it."""
+    class ImageOnly(processor_cls):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    return ImageOnly
+
+
+def qwen_vl(version):
+    """Qwen2-VL / Qwen2.5-VL: one model class each, the same processor and image processor."""
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    name = {"2": "Qwen2VL", "2.5": "Qwen2_5_VL"}[version]
+    Config, Model, Processor = (getattr(transformers, name + s) for s in
+                                ("Config", "ForConditionalGeneration", "Processor"))
+    specials = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>",
+                "<|im_end|>"]
+    tok = make_tokenizer(specials, image_token="<|image_pad|>", video_token="<|video_pad|>")
+    image_proc = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2,
+                                          temporal_patch_size=2)
+    processor = image_only(Processor)(image_processor=image_proc, tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in zip(
+        ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"), specials)}
+    vision = dict(depth=1, embed_dim=32, num_heads=2, hidden_size=64, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    if version == "2.5":
+        vision.update(intermediate_size=64, out_hidden_size=64, fullatt_block_indexes=[0])
+    text = dict(LLAMA, num_key_value_heads=2, rope_scaling={"rope_type": "default", "mrope_section": [4, 6, 6]},
+                **text_ids(tok))
+    config = Config(vision_config=vision, text_config=text, **ids)
+    return Model(config), processor
+
+
+IDEFICS_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
+                    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                    "<end_of_utterance>\n{% endfor %}Assistant:")
+
+
+def idefics3(smol=False):
+    """Idefics3 / SmolVLM (the same design; SmolVLM's processor also does video)."""
+    import transformers
+    from transformers import LlamaConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    if smol:
+        pytest.importorskip("num2words")  # SmolVLMProcessor wants it
+    name = "SmolVLM" if smol else "Idefics3"
+    Config, Model, Processor = (getattr(transformers, name + s) for s in
+                                ("Config", "ForConditionalGeneration", "Processor"))
+    specials = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+    tok = make_tokenizer(specials)
+    image_proc = (SmolVLMImageProcessorPil if smol else Idefics3ImageProcessorPil)(
+        do_image_splitting=False, size={"longest_edge": 56}, max_image_size={"longest_edge": 56})
+    make = image_only(Processor) if smol else Processor
+    # no chat template for SmolVLM: its apply_chat_template reads the (absent) video processor's settings
+    processor = make(image_processor=image_proc, tokenizer=tok, image_seq_len=4,
+                     chat_template=None if smol else IDEFICS_TEMPLATE)
+    config = Config(vision_config=dict(VISION, image_size=56, patch_size=14),
+                    text_config=LlamaConfig(**LLAMA, **text_ids(tok)), scale_factor=2,
+                    image_token_id=tok.convert_tokens_to_ids("<image>"))
+    return Model(config), processor
+
+
+def paligemma():
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    tok = make_tokenizer(["<image>"], image_token="<image>")
+    image_proc = SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    image_proc.image_seq_length = 4  # (28 / 14) ** 2 patches
+    processor = PaliGemmaProcessor(image_processor=image_proc, tokenizer=tok)  # adds its <loc>/<seg> tokens
+    config = PaliGemmaConfig(
+        vision_config=dict(VISION, image_size=28, patch_size=14, projection_dim=64, model_type="siglip_vision_model"),
+        text_config=GemmaConfig(**LLAMA, head_dim=32, num_key_value_heads=1, **text_ids(tok)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), projection_dim=64, hidden_size=64)
+    return PaliGemmaForConditionalGeneration(config), processor
+
+
+def gemma3():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    specials = ["<image_soft_token>", "<start_of_image>", "<end_of_image>"]
+    tok = make_tokenizer(specials, image_token=specials[0], boi_token=specials[1], eoi_token=specials[2])
+    image_proc = Gemma3ImageProcessorPil(size={"height": 56, "width": 56})
+    processor = Gemma3Processor(image_processor=image_proc, tokenizer=tok, image_seq_length=4)
+    config = Gemma3Config(
+        vision_config=dict(VISION, image_size=56, patch_size=14, model_type="siglip_vision_model"),
+        text_config=Gemma3TextConfig(**LLAMA, head_dim=32, num_key_value_heads=1, query_pre_attn_scalar=32,
+                                     sliding_window=16, **text_ids(tok)),
+        mm_tokens_per_image=4, image_token_index=tok.convert_tokens_to_ids(specials[0]),
+        boi_token_index=tok.convert_tokens_to_ids(specials[1]), eoi_token_index=tok.convert_tokens_to_ids(specials[2]))
+    return Gemma3ForConditionalGeneration(config), processor
+
+
+ARCHS = {"llava_next": llava_next, "qwen2_vl": lambda: qwen_vl("2"), "qwen2_5_vl": lambda: qwen_vl("2.5"),
+         "idefics3": idefics3, "smolvlm": lambda: idefics3(smol=True), "paligemma": paligemma, "gemma3": gemma3}
+
+
+def arch_agent(arch):
+    torch.manual_seed(0)
+    vlm, processor = ARCHS[arch]()
+    vlm.generation_config = GenerationConfig()  # as load_agent does
+    return vlm_rl.Agent(vlm, processor).eval()
+
+
+def prompts(agent):
+    """Three prompts of different lengths, each with one image (all 56 px, as in one game: the
+    number of image tiles / patches per prompt must agree within a batch)."""
+    envs_ = [NumberLine(), NumberLine(), Blackjack()]
+    images = [e.reset(seed=i)[0].resize((56, 56)) for i, e in enumerate(envs_)]
+    texts = [vlm_rl.prompt_text(agent.processor, vlm_rl.build_prompt(e, cot))
+             for e, cot in zip(envs_, (True, False, True))]
+    return vlm_rl.encode_prompts(agent, images, texts)
+
+
+@ARCH_WARNINGS
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scored_logprobs_equal_generate_scores(arch):
+    agent, T = arch_agent(arch), 0.7
+    inputs = prompts(agent)
+    lengths = inputs["attention_mask"].sum(-1)
+    assert len(set(lengths.tolist())) == 3, lengths  # left padding really happens
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = agent.vlm.generate(**inputs, **vlm_rl.sampling_kwargs(agent, T, 12), output_scores=True,
+                                 return_dict_in_generate=True)
+    scores = torch.stack(out.scores, 1)  # [B, M, V]
+    sampled = out.sequences[:, inputs["input_ids"].shape[1]:]
+    gen_logp = torch.log_softmax(scores, -1).gather(-1, sampled[..., None])[..., 0]
+    eos = agent.tokenizer.eos_token_id  # each answer ends at its first EOS, as vlm_rl.generate cuts it
+    answers = [row[:(row == eos).nonzero()[0, 0] + 1] if (row == eos).any() else row for row in sampled]
+    batch = [{**vlm_rl.prompt_sample(inputs, j), "answer": answers[j]} for j in range(3)]
+    with torch.no_grad():
+        token_logp, _, valid, value = vlm_rl.score(agent, batch, T)
+        solo = vlm_rl.score(agent, batch[2:], T)[0]  # the longest prompt, alone: no padding at all
+    assert valid.sum(-1).tolist() == [len(a) for a in answers]
+    torch.testing.assert_close(token_logp[valid], gen_logp[:, :valid.shape[1]][valid], atol=1e-4, rtol=0)
+    torch.testing.assert_close(solo[valid[2:]], token_logp[2:][valid[2:]], atol=1e-4, rtol=0)
+    assert value.shape == (3,) and torch.isfinite(value).all()
+
+
+@ARCH_WARNINGS
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ppo_step_changes_language_model_and_value_head(arch):
+    agent = arch_agent(arch)
+    inputs = prompts(agent)
+    torch.manual_seed(1)
+    answers = vlm_rl.generate(agent, inputs, 1.0, 8)
+    batch = [{**vlm_rl.prompt_sample(inputs, j), "answer": answers[j]} for j in range(3)]
+    before = {k: v.clone() for k, v in agent.named_parameters()}
+    opt = torch.optim.AdamW(agent.parameters(), lr=1e-2)
+    agent.train()
+    token_logp, _, valid, value = vlm_rl.score(agent, batch, 1.0)
+    logp = vlm_rl.answer_logprob(token_logp, torch.zeros_like(valid), valid, 0.5)
+    loss = vlm_rl.ppo_loss(logp, logp.detach() - 0.01, torch.tensor([1.0, -1.0, 0.5]), value, torch.ones(3),
+                           0.1, 0.5)[0]
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    changed = {id(p) for k, p in agent.named_parameters() if not torch.equal(p, before[k])}
+    assert changed & {id(p) for p in agent.vlm.get_decoder().parameters()}, "no language-model weight changed"
+    assert changed & {id(p) for p in agent.value_head.parameters()}, "the value head did not change"

@@ -25,12 +25,16 @@ Simplifications (all deliberate):
   3. Time-limit truncation is treated as termination (no bootstrap from the last state).
   4. Old log-probs and values come from a scoring pass right after sampling (no reference
      model, no KL penalty), as in the paper's code.
+  5. Hyperparameters are tuned for the tiny model per game (PRESETS); the paper's 7B values are
+     in the comments.
 
 Commands:
   python vlm_rl.py --env numberline          # tiny model, CPU, about 6 minutes
-  python vlm_rl.py --env blackjack           # tiny model, CPU, about 18 minutes
-  python vlm_rl.py --env numberline --model llava-hf/llava-v1.6-mistral-7b-hf --device cuda --dtype bfloat16
+  python vlm_rl.py --env blackjack           # tiny model, CPU, about 17 minutes
+  python vlm_rl.py --env numberline --model llava-hf/llava-v1.6-mistral-7b-hf --device cuda \
+      --dtype bfloat16 --gradient-checkpointing --lora-rank 64 --num-envs 8 --minibatch-size 4 --lr 1e-5
   python vlm_rl.py --env numberline --sft-steps 0 --total-steps 0 --model runs/numberline-s1/model   # evaluate
+  python vlm_rl.py --resume runs/numberline-s1   # continue a run from its last checkpoint
 """
 import argparse
 import csv
@@ -76,6 +80,7 @@ class Config:
     epochs: int = 4
     minibatch_size: int = 64
     vf_coef: float = 0.5
+    ent_coef: float = 0.0          # bonus on the entropy of the action tokens (keeps exploring)
     max_grad_norm: float = 1.0
     invalid_penalty: float = 1.0   # subtracted from the reward of an invalid answer
     eval_episodes: int = 0         # per-env preset when not given
@@ -91,8 +96,11 @@ class Config:
 
 
 PRESETS = {  # tuned for the tiny model on a 2-core CPU
-    "numberline": dict(total_steps=10240, sft_steps=400, eval_episodes=1000),
-    "blackjack": dict(total_steps=30720, sft_steps=1200, eval_episodes=5000),
+    "numberline": dict(total_steps=5120, sft_steps=400, eval_episodes=1000),
+    # Blackjack's reward is noisy: bigger batches, fewer epochs, a smaller step; gamma 1 because the
+    # objective is the undiscounted outcome of a hand (0.9 would make every hit look worse)
+    "blackjack": dict(total_steps=20480, sft_steps=1000, eval_episodes=5000, num_envs=128, minibatch_size=128,
+                      epochs=2, lr=5e-5, gamma=1.0, temperature=0.3),
 }
 
 
@@ -218,9 +226,12 @@ class Agent(nn.Module):
         hidden = vlm.config.get_text_config().hidden_size
         self.value_head = nn.Sequential(nn.Linear(hidden, 256), nn.Tanh(), nn.Linear(256, 1))
         # Placeholder tokens (e.g. <image>) must never be sampled: the next forward pass would
-        # find more image tokens than images. They are masked the same way when scoring.
-        self.suppress = sorted({i for t in ("image_token", "video_token") if getattr(processor, t, None)
-                                for i in [self.tokenizer.convert_tokens_to_ids(getattr(processor, t))]})
+        # find more image tokens than images. They are masked the same way when scoring. The
+        # processor's name for one can differ from the model's (Gemma3: <start_of_image>): take both.
+        ids = {getattr(vlm.config, f"{m}_token_{s}", None) for m in ("image", "video") for s in ("id", "index")}
+        ids |= {self.tokenizer.convert_tokens_to_ids(getattr(processor, t)) for t in ("image_token", "video_token")
+                if getattr(processor, t, None)}
+        self.suppress = sorted(ids - {None})
 
 
 class LoRALinear(nn.Module):
@@ -288,10 +299,11 @@ def load_agent(cfg, env_cls):
 
 # --- rollout: one batched generate call samples every environment's answer ---
 def encode_prompts(agent, images, text):
-    """Left-padded prompt batch: one image and the same prompt text per environment."""
+    """Left-padded prompt batch: one image per environment; one prompt text for all, or one each."""
+    texts = [text] * len(images) if isinstance(text, str) else text
     bos = agent.tokenizer.bos_token  # a chat template that already wrote BOS must not get a second
-    return agent.processor(images=[[im] for im in images], text=[text] * len(images), return_tensors="pt",
-                           padding=True, padding_side="left", add_special_tokens=not (bos and text.startswith(bos)))
+    return agent.processor(images=[[im] for im in images], text=texts, return_tensors="pt", padding=True,
+                           padding_side="left", add_special_tokens=not (bos and texts[0].startswith(bos)))
 
 
 def sampling_kwargs(agent, temperature, max_new_tokens):
@@ -342,25 +354,62 @@ def answer_logprob(token_logp, action_mask, valid, thought_coef):
     return torch.where(valid, token_logp * weight, 0.0).sum(-1)
 
 
+# Per-token processor outputs (besides input_ids and attention_mask) and the value generate() gives
+# them at sampled tokens (_update_model_kwargs_for_generation and model overrides of it). collate
+# extends them the same way: else scoring sees another model than sampling did. An output missing
+# here is a KeyError in collate: look up what generate() does with it, then add it.
+ANSWER_TOKEN_FILL = {
+    "mm_token_type_ids": 0,              # Qwen-VL: text (its 3-D RoPE positions are built from it)
+    "token_type_ids": 0,                 # Gemma3: 0 = text, the value generate() repeats from the last prompt token
+    ("paligemma", "token_type_ids"): 1,  # PaliGemma: causal suffix; 0 would join the bidirectional prefix
+}
+
+
+def prompt_sample(inputs, j):
+    """Row j of a processor's prompt batch, on the CPU: what a stored sample keeps. "prompt": the
+    per-token tensors without their left padding; "extra": the rest (pixels, image sizes, ...),
+    each with a batch dimension of its own, for torch.cat in collate."""
+    keep = inputs["attention_mask"][j].bool()
+    sample = {"prompt": {}, "extra": {}}
+    for k, v in inputs.items():
+        if k in ("attention_mask", "labels"):  # all ones once unpadded (collate rebuilds it); PaliGemma's SFT targets
+            continue
+        if v.shape == inputs["input_ids"].shape:
+            sample["prompt"][k] = v[j][keep].cpu()
+        elif k == "pixel_values" and "image_grid_thw" in inputs:  # Qwen-VL: [patches of all images, D]
+            sample["extra"][k] = v.split(inputs["image_grid_thw"].prod(-1).tolist())[j].cpu()  # 1 image a prompt
+        else:
+            sample["extra"][k] = v[j:j + 1].cpu()
+    return sample
+
+
 def collate(agent, batch, device):
-    """Join left-padded prompts with right-padded answers: input [B, P + M], answers [B, M]."""
-    pad = agent.tokenizer.pad_token_id
-    P, M = max(len(s["prompt"]) for s in batch), max(len(s["answer"]) for s in batch)
-    ids = torch.full((len(batch), P + M), pad, dtype=torch.long)
-    attn = torch.zeros_like(ids)
+    """Join left-padded prompts with right-padded answers: input [B, P + M], answers [B, M].
+    Other per-token tensors are padded alike, then filled over the answer from ANSWER_TOKEN_FILL."""
+    pad, dtype, model = agent.tokenizer.pad_token_id, next(agent.parameters()).dtype, agent.vlm.config.model_type
+    P, M = max(len(s["prompt"]["input_ids"]) for s in batch), max(len(s["answer"]) for s in batch)
+    inputs = {k: torch.zeros(len(batch), P + M, dtype=v.dtype) for k, v in batch[0]["prompt"].items()}
+    inputs["input_ids"].fill_(pad)
+    inputs["attention_mask"] = torch.zeros(len(batch), P + M, dtype=torch.long)
     for b, s in enumerate(batch):
-        p, a = len(s["prompt"]), len(s["answer"])
-        ids[b, P - p:P], ids[b, P:P + a] = s["prompt"], s["answer"]
-        attn[b, P - p:P + a] = 1
-    pixels = torch.stack([s["pixels"] for s in batch])
-    return {"input_ids": ids.to(device), "attention_mask": attn.to(device),
-            "pixel_values": pixels.to(device, next(agent.parameters()).dtype)}, P
+        p, a = len(s["prompt"]["input_ids"]), len(s["answer"])
+        for k, v in s["prompt"].items():
+            inputs[k][b, P - p:P] = v
+        inputs["input_ids"][b, P:P + a] = s["answer"]
+        inputs["attention_mask"][b, P - p:P + a] = 1
+    for k in inputs.keys() - {"input_ids", "attention_mask"}:
+        inputs[k][:, P:] = ANSWER_TOKEN_FILL[(model, k) if (model, k) in ANSWER_TOKEN_FILL else k]
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    for k in batch[0]["extra"]:
+        v = torch.cat([s["extra"][k] for s in batch]).to(device)
+        inputs[k] = v.to(dtype) if v.is_floating_point() else v
+    return inputs, P
 
 
 def score(agent, batch, temperature):
     """One forward pass over prompt + answer. Returns token log-probs under softmax(logits / T)
-    [B, M], the answer mask [B, M] and values [B]. Only the last M + 1 positions get logits:
-    no [B, P + M, V] tensor is built for the prompt."""
+    [B, M], their entropies [B, M], the answer mask [B, M] and values [B]. Only the last M + 1
+    positions get logits: no [B, P + M, V] tensor is built for the prompt."""
     device = next(agent.parameters()).device
     inputs, P = collate(agent, batch, device)
     M = inputs["input_ids"].shape[1] - P
@@ -368,11 +417,13 @@ def score(agent, batch, temperature):
     logits = out.logits[:, :-1].float() / temperature  # [B, M, V] predicts answer tokens
     if agent.suppress:
         logits[..., agent.suppress] = float("-inf")
+    logp = torch.log_softmax(logits, -1)
     answers = inputs["input_ids"][:, P:]  # [B, M]
-    token_logp = torch.log_softmax(logits, -1).gather(-1, answers.unsqueeze(-1)).squeeze(-1)
+    token_logp = logp.gather(-1, answers.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp.masked_fill(logp.isinf(), 0)).sum(-1)  # suppressed ids: 0, not NaN
     valid = inputs["attention_mask"][:, P:].bool()
     value = agent.value_head(out.hidden_states[-1][:, P - 1]).squeeze(-1).float()  # last prompt token
-    return token_logp, valid, value
+    return token_logp, entropy, valid, value
 
 
 # --- GAE over env steps (names follow CleanRL's ppo.py) ---
@@ -428,9 +479,7 @@ class Runner:
             if done:
                 obs = env.reset()[0]
             self.obs[i] = obs
-            m = inputs["attention_mask"][j].bool()
-            samples.append({"prompt": inputs["input_ids"][j][m].cpu(), "pixels": inputs["pixel_values"][j].cpu(),
-                            "answer": answers[j], "split": split, "text": texts[j]})
+            samples.append({**prompt_sample(inputs, j), "answer": answers[j], "split": split, "text": texts[j]})
             info.append((reward - self.cfg.invalid_penalty * invalid, done, inf["success"], invalid))
         return samples, info
 
@@ -472,9 +521,8 @@ def sft(agent, env_cls, cfg):
         demos = [e.demo(noise, rng, cot=not cfg.no_cot) for e in env_list]
         inputs = encode_prompts(agent, obs, text)
         answers = agent.tokenizer([d + eos for d in demos], add_special_tokens=False)["input_ids"]
-        batch = [{"prompt": inputs["input_ids"][j][inputs["attention_mask"][j].bool()],
-                  "pixels": inputs["pixel_values"][j], "answer": torch.tensor(answers[j])} for j in range(len(demos))]
-        token_logp, valid, _ = score(agent, batch, 1.0)
+        batch = [{**prompt_sample(inputs, j), "answer": torch.tensor(a)} for j, a in enumerate(answers)]
+        token_logp, _, valid, _ = score(agent, batch, 1.0)
         loss = -token_logp[valid].mean()
         opt.zero_grad()
         loss.backward()
@@ -499,7 +547,7 @@ def train(agent, opt, runner, cfg, state, log, save):
         for t in range(S):
             step_samples, info = runner.step()
             with torch.no_grad():  # old log-probs and values from our own scoring pass
-                token_logp, valid, value = score(agent, step_samples, cfg.temperature)
+                token_logp, _, valid, value = score(agent, step_samples, cfg.temperature)
             amask = action_token_mask(agent.tokenizer, [s["answer"] for s in step_samples],
                                       [s["split"] for s in step_samples])
             for s, m in zip(step_samples, amask):
@@ -513,10 +561,9 @@ def train(agent, opt, runner, cfg, state, log, save):
             samples += step_samples
         with torch.no_grad():  # value of the state each env is in now, for bootstrapping
             inputs = encode_prompts(agent, runner.obs, runner.text)
-            next_batch = [{"prompt": inputs["input_ids"][j][inputs["attention_mask"][j].bool()],
-                           "pixels": inputs["pixel_values"][j], "answer": torch.tensor([agent.tokenizer.eos_token_id])}
-                          for j in range(E)]
-            next_value = score(agent, next_batch, cfg.temperature)[2].cpu()
+            eos = torch.tensor([agent.tokenizer.eos_token_id])  # a stand-in answer: only the value is used
+            next_batch = [{**prompt_sample(inputs, j), "answer": eos} for j in range(E)]
+            next_value = score(agent, next_batch, cfg.temperature)[3].cpu()
         advantages, returns = gae(rewards, values, dones, next_value, cfg.gamma, cfg.gae_lambda)
         advantages, returns, old_logp = advantages.flatten(), returns.flatten(), old_logp.flatten()  # [S * E]
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
@@ -526,7 +573,7 @@ def train(agent, opt, runner, cfg, state, log, save):
         for epoch in range(cfg.epochs):
             for mb in torch.randperm(S * E).split(cfg.minibatch_size):
                 batch = [samples[i] for i in mb.tolist()]
-                token_logp, valid, value = score(agent, batch, cfg.temperature)
+                token_logp, entropy, valid, value = score(agent, batch, cfg.temperature)
                 amask = torch.zeros_like(valid)
                 for b, s in enumerate(batch):
                     amask[b, :len(s["answer"])] = s["action_mask"]
@@ -534,6 +581,7 @@ def train(agent, opt, runner, cfg, state, log, save):
                 dev = logp.device
                 loss, pg, vl, st = ppo_loss(logp, old_logp[mb].to(dev), advantages[mb].to(dev), value,
                                             returns[mb].to(dev), cfg.clip, cfg.vf_coef)
+                loss = loss - cfg.ent_coef * torch.where(amask & valid, entropy, 0.0).sum(-1).mean()
                 if not torch.isfinite(loss):  # NaN/inf in log-probs or values: stop before the step
                     sys.exit(f"vlm_rl.py: error: non-finite loss in PPO update {update}; the last good "
                              f"checkpoint (update {state['update']}) is kept in {cfg.out_dir}")
@@ -569,11 +617,11 @@ def draw_curve(rows, sft_success, rl_success, path, window=10):
         d.line([L - 4, Y(v), L, Y(v)], fill="black")
         d.text((8, Y(v) - 6), f"{v:.2f}", fill="black")
     d.text((L, H - B + 8), "0", fill="black")
-    d.text((W - 80, H - B + 8), f"{xmax} env steps", fill="black")
-    for value, color, name in ((sft_success, "gray", "SFT eval"), (rl_success, "green", "RL eval")):
-        if value is not None:
+    d.text((W - 110, H - B + 8), f"{int(xmax)} env steps", fill="black")
+    for value, color, name, dy in ((sft_success, "gray", "SFT eval", 3), (rl_success, "green", "RL eval", -14)):
+        if value is not None:  # labels: SFT below its line, RL above, so they never overlap
             d.line([L, Y(value), W - 10, Y(value)], fill=color)
-            d.text((L + 6, Y(value) - 14), f"{name} {value:.3f}", fill=color)
+            d.text((W - 140, max(12, Y(value) + dy)), f"{name} {value:.3f}", fill=color)
     s = [r["train_success"] for r in rows]
     pts = [(X(r["env_steps"]), Y(np.nanmean(s[max(0, i - window + 1):i + 1]))) for i, r in enumerate(rows)
            if not np.all(np.isnan(s[max(0, i - window + 1):i + 1]))]
