@@ -479,7 +479,7 @@ class Runner:
             if done:
                 obs = env.reset()[0]
             self.obs[i] = obs
-            samples.append({**prompt_sample(inputs, j), "answer": answers[j], "split": split, "text": texts[j]})
+            samples.append({**prompt_sample(inputs, j), "answer": answers[j], "split": split})
             info.append((reward - self.cfg.invalid_penalty * invalid, done, inf["success"], invalid))
         return samples, info
 
