@@ -3,7 +3,9 @@ import random
 
 import pytest
 
-from envs import Blackjack, NumberLine, blackjack_optimal, blackjack_outcomes, hand_value
+from PIL import Image, ImageDraw
+
+from envs import Blackjack, NumberLine, _Env, blackjack_optimal, blackjack_outcomes, hand_value
 
 
 def numberline(current, target):
@@ -195,6 +197,7 @@ def test_demo_noise_fraction():
 
 # --- vlm_rl: pure functions against brute-force references
 import csv
+import dataclasses
 import functools
 import math
 import os
@@ -204,6 +207,7 @@ import sys
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+from safetensors import safe_open
 
 import vlm_rl
 from vlm_rl import action_token_mask, answer_logprob, gae, parse_action, ppo_loss
@@ -393,6 +397,11 @@ def run_cli(*args, timeout=600):
                           text=True, timeout=timeout, cwd=HERE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+def metrics(path):
+    """metrics.csv rows without their timing columns (the only ones that may differ between runs)."""
+    return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in csv.DictReader(open(path))]
+
+
 TINY = ["--sft-steps", "30", "--total-steps", "64", "--num-envs", "8", "--num-steps", "4", "--epochs", "2",
         "--minibatch-size", "16", "--eval-episodes", "8", "--max-new-tokens", "40", "--device", "cpu"]
 
@@ -404,7 +413,7 @@ def test_end_to_end_writes_outputs_and_is_reproducible(env, tmp_path):
         out = tmp_path / f"run{k}"
         r = run_cli("--env", env, "--out-dir", str(out), *TINY)
         assert r.returncode == 0, r.stderr[-2000:]
-        for f in ("metrics.csv", "summary.json", "curve.png", "model/config.json", "model/value_head.pt",
+        for f in ("metrics.csv", "summary.json", "curve.png", "model/config.json", "model/value_head.safetensors",
                   "model/tokenizer.json"):
             assert (out / f).exists(), f
         rows = list(csv.DictReader(open(out / "metrics.csv")))
@@ -413,10 +422,9 @@ def test_end_to_end_writes_outputs_and_is_reproducible(env, tmp_path):
         for key in ("sft_success", "rl_success", "eval_episodes", "invalid_rate", "wall_seconds", "config"):
             assert key in summary
         assert 0 <= summary["rl_success"] <= 1 and summary["config"]["env"] == env
-        runs.append((open(out / "metrics.csv").read(), summary))
-    if len(runs) == 2:  # same seed -> same numbers (the seconds column aside)
-        strip = lambda text: [line.rsplit(",", 1)[0] for line in text.splitlines()]
-        assert strip(runs[0][0]) == strip(runs[1][0])
+        runs.append((metrics(out / "metrics.csv"), summary))
+    if len(runs) == 2:  # same seed -> same numbers (the seconds columns aside)
+        assert runs[0][0] == runs[1][0]
         drop = lambda s: {**{k: v for k, v in s.items() if k != "wall_seconds"},
                           "config": {k: v for k, v in s["config"].items() if k != "out_dir"}}
         assert drop(runs[0][1]) == drop(runs[1][1])
@@ -439,7 +447,11 @@ def test_end_to_end_writes_outputs_and_is_reproducible(env, tmp_path):
     (["--num-envs", "0"], "--num-envs"),
     (["--num-envs", "three"], "--num-envs"),
     (["--device", "cuda"], "CUDA is not available"),
-    (["--resume", "/nonexistent-dir"], "no checkpoint.pt"),
+    (["--resume", "/nonexistent-dir"], "no checkpoint.safetensors"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--num-envs", "4", "--num-steps", "2", "--minibatch-size", "16"], "--minibatch-size 16 is larger than"),
+    (["--num-envs", "4", "--num-steps", "2", "--total-steps", "4"], "is below one PPO update"),
+    (["--dtype", "float16"], "--dtype 'float16'"),
     (["--out-dir", "/proc/version/x"], "cannot write to --out-dir"),
     (["--model", "does/not-exist"], "cannot load model 'does/not-exist'"),
 ])
@@ -476,12 +488,13 @@ def test_parser_is_total_on_hostile_text():
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
-    """SIGKILL mid-run, --resume: metrics.csv equals an uninterrupted run's, row for row."""
+    """LoRA + gradient checkpointing, SIGKILL mid-run, --resume: metrics.csv, the evaluation and the
+    saved model equal an uninterrupted run's; the checkpoint holds no frozen base weight."""
     import signal
     import time
     args = ["--env", "numberline", "--sft-steps", "10", "--total-steps", "192", "--num-envs", "8", "--num-steps", "4",
             "--epochs", "1", "--minibatch-size", "16", "--eval-episodes", "4", "--max-new-tokens", "40",
-            "--device", "cpu", "--save-every", "1"]
+            "--device", "cpu", "--save-every", "1", "--lora-rank", "4", "--gradient-checkpointing"]
     full = tmp_path / "full"
     assert run_cli(*args, "--out-dir", str(full)).returncode == 0
     killed = tmp_path / "killed"
@@ -501,10 +514,14 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     r = run_cli("--resume", str(killed))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming" in r.stdout
-    strip = lambda p: [line.rsplit(",", 1)[0] for line in (p / "metrics.csv").read_text().splitlines()]
-    assert strip(killed) == strip(full)  # no duplicated or missing rows, and the same numbers
+    assert metrics(killed / "metrics.csv") == metrics(full / "metrics.csv")  # no row twice or missing, same numbers
+    summary = lambda p: {k: v for k, v in json.load(open(p / "summary.json")).items() if k in ("eval", "rl_success")}
+    assert summary(killed) == summary(full)
+    with safe_open(str(killed / "checkpoint.safetensors"), "pt") as f:
+        params = [k for k in f.keys() if k.startswith("param.")]
+    assert params and all(k.endswith((".A", ".B", "lm_head.weight")) or k.startswith("param.value_head.") for k in params)
     r = run_cli("--resume", str(killed), "--env", "blackjack")
-    assert r.returncode != 0 and "is a numberline run" in r.stderr
+    assert r.returncode != 0 and "that run has --env 'numberline', not 'blackjack'" in r.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
@@ -515,7 +532,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         calls["n"] += torch.is_grad_enabled()
         if calls["n"] > 2:
             token_logp = token_logp * float("nan")
-        return token_logp, entropy, valid, value
+        return vlm_rl.Scored(token_logp, entropy, valid, value)
     monkeypatch.setattr(vlm_rl, "score", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(SystemExit) as e:
@@ -523,9 +540,10 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
                      "--num-steps", "4", "--epochs", "1", "--minibatch-size", "32", "--eval-episodes", "2",
                      "--max-new-tokens", "40", "--device", "cpu", "--out-dir", str(out)])
     assert "non-finite loss in PPO update 3" in str(e.value.code)
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert ckpt["update"] == 2 and len(ckpt["rows"]) == 2
-    assert all(torch.isfinite(v).all() for v in ckpt["agent"].values())
+    with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["state"])
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys() if k.startswith("param."))
+    assert meta["update"] == 2 and len(meta["rows"]) == 2
 
 
 def one_ppo_step(agent, lr=1e-2):
@@ -551,11 +569,11 @@ def test_lora_trains_only_adapters_and_value_head_and_merges_on_save(tmp_path):
     torch.manual_seed(0)
     agent = vlm_rl.load_agent(cfg, NumberLine)
     n_lora = sum(isinstance(m, vlm_rl.LoRALinear) for m in agent.modules())
-    assert n_lora == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 Llama layers
+    assert n_lora == 2 * 7 + 2 * 6 + 2  # Llama: q k v o gate up down; CLIP: q k v out fc1 fc2; projector: 2
     before = {k: v.clone() for k, v in agent.state_dict().items()}
     batch = one_ppo_step(agent)
     changed = {k for k, v in agent.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(k.endswith((".A", ".B")) or k.startswith("value_head.") for k in changed), changed
+    assert changed and all(k.endswith((".A", ".B", "lm_head.weight")) or k.startswith("value_head.") for k in changed)
     assert any(k.endswith(".B") for k in changed) and any(k.startswith("value_head.") for k in changed)
     with torch.no_grad():
         ref = vlm_rl.score(agent, batch, 1.0)[0]
@@ -592,6 +610,175 @@ def test_entropy_bonus_gradient_is_finite_with_suppressed_tokens():
     entropy.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in agent.parameters() if p.grad is not None)
     agent.zero_grad()
+
+
+# --- inside the training loop
+
+def tiny_main(out, *args):
+    return vlm_rl.main(["--device", "cpu", "--out-dir", str(out), *args])
+
+
+def answers_from(agent, *texts, end=True):
+    """Token tensors for given answer texts (+ the end-of-turn token): a stand-in for sampling."""
+    tail = agent.stop_ids[:1] if end else []
+    return [torch.tensor(agent.tokenizer(t, add_special_tokens=False).input_ids + tail) for t in texts]
+
+
+def test_first_minibatch_has_ratio_one(tmp_path, monkeypatch):
+    """The update's first minibatch re-scores answers under the weights that sampled them (in another
+    batch, with other padding): exp(logp - old_logp) must be 1."""
+    gaps, real = [], vlm_rl.ppo_loss
+
+    def spy(logp, old_logp, *args):
+        gaps.append((logp - old_logp).abs().max().item())
+        return real(logp, old_logp, *args)
+    monkeypatch.setattr(vlm_rl, "ppo_loss", spy)
+    tiny_main(tmp_path, "--sft-steps", "30", "--total-steps", "64", "--num-envs", "8", "--num-steps", "4",
+              "--minibatch-size", "8", "--epochs", "2", "--eval-episodes", "0", "--max-new-tokens", "24")
+    assert len(gaps) == 16  # 2 updates x 2 epochs x 4 minibatches
+    assert gaps[0] < 1e-4 and gaps[8] < 1e-4, gaps  # the first of each update
+    assert max(gaps) > 1e-3  # later minibatches do see changed weights
+
+
+class Arrow(_Env):
+    """A one-step bandit: the picture is an arrow; reward 1 for naming the way it points."""
+    name, action_names, image_size, default_noise = "arrow", ["left", "right"], 28, 0.5
+    task = "The picture shows an arrow. Answer with the direction it points to."
+    cot_fields = '"thoughts": "the direction"'
+
+    def _deal(self):
+        self.side = self.rng.randrange(2)
+
+    def step(self, action):
+        win = self._check(action) == self.side
+        self.done = True
+        return self.render(), float(win), True, False, self.info(win)
+
+    def info(self, success):
+        return {"success": success}
+
+    def correct_action(self):
+        return self.side
+
+    def cot_values(self):
+        return [("thoughts", self.action_names[self.side])]
+
+    def render(self):
+        img = Image.new("RGB", (28, 28), "white")
+        tip, back = (2, 26) if self.side == 0 else (26, 2)
+        ImageDraw.Draw(img).polygon([(tip, 14), (back, 3), (back, 25)], fill="black")
+        return img
+
+
+def test_ppo_learns_a_bandit_from_chance(tmp_path, monkeypatch):
+    """SFT on a demonstrator that answers at random teaches the format, not the answer (chance);
+    PPO at the default learning rate must then learn to read the arrow."""
+    monkeypatch.setitem(vlm_rl.ENVS, "arrow", Arrow)
+    monkeypatch.setitem(vlm_rl.PRESETS, "arrow", {})
+    s = tiny_main(tmp_path, "--env", "arrow", "--no-cot", "--sft-steps", "100", "--total-steps", "1024",
+                  "--num-envs", "64", "--num-steps", "2", "--minibatch-size", "32", "--eval-episodes", "400")
+    assert s["config"]["lr"] == vlm_rl.Config.lr or s["config"]["lr"] == 5e-5
+    assert 0.35 < s["sft_success"] < 0.65 and s["eval"]["sft"]["invalid_rate"] < 0.05, s["eval"]["sft"]
+    assert s["rl_success"] >= 0.9, s["eval"]["rl"]
+
+
+def test_runner_flags_invalid_answers_and_applies_the_penalty(monkeypatch):
+    agent, cfg = tiny_agent()
+    cfg = dataclasses.replace(cfg, invalid_penalty=5.0)
+    answers = answers_from(agent, '{"action": "+"}', '{"action": "jump"}') + answers_from(agent, '{"action": "+"}',
+                                                                                             end=False)
+    monkeypatch.setattr(vlm_rl, "generate", lambda *args: answers)  # valid, illegal, cut off by the length limit
+    runner = vlm_rl.Runner(agent, NumberLine, 3, 0, cfg)
+    step = runner.step()
+    assert step.invalid == [False, True, True]
+    assert step.rewards[0] in (-1.0, 0.0, 1.0) and all(-6 <= r <= -4 for r in step.rewards[1:])
+    assert len(step.samples) == 3 and step.samples[0]["split"] == 1  # '"action"' starts at character 1
+
+
+def test_evaluate_plays_the_held_out_episodes_and_an_invalid_answer_loses(monkeypatch):
+    agent, cfg = tiny_agent()
+    cfg = dataclasses.replace(cfg, num_envs=4, max_new_tokens=8)
+    rng_before = torch.get_rng_state()
+    vlm_rl.evaluate(agent, NumberLine, cfg, 3)  # real sampling: it must not touch training's RNG
+    assert torch.equal(rng_before, torch.get_rng_state())
+    plus = answers_from(agent, '{"action": "+"}')
+    monkeypatch.setattr(vlm_rl, "generate", lambda agent, inputs, *a: plus * len(inputs["input_ids"]))
+    result = vlm_rl.evaluate(agent, NumberLine, cfg, 10)
+    wins = 0  # the same policy, by hand, on episodes EVAL_SEED + 0..9
+    for k in range(10):
+        env, done = NumberLine(), False
+        env.reset(seed=vlm_rl.EVAL_SEED + k)
+        while not done:
+            _, _, term, trunc, info = env.step(1)
+            done = term or trunc
+        wins += info["success"]
+    assert 0 < wins < 10 and result["success"] == wins / 10 and result["episodes"] == 10
+    assert result["invalid_rate"] == 0 and result["se"] == pytest.approx((wins / 10 * (1 - wins / 10) / 10) ** 0.5)
+    nonsense = answers_from(agent, "no idea")
+    monkeypatch.setattr(vlm_rl, "generate", lambda agent, inputs, *a: nonsense * len(inputs["input_ids"]))
+    result = vlm_rl.evaluate(agent, NumberLine, cfg, 10)
+    assert result["success"] == 0 and result["invalid_rate"] == 1  # random play would have won ~60%
+
+
+def test_bf16_trains_float32_masters_so_small_updates_survive():
+    cfg, _ = vlm_rl.parse_config(["--env", "numberline", "--device", "cpu", "--dtype", "bfloat16"])
+    torch.manual_seed(0)
+    agent = vlm_rl.load_agent(cfg, NumberLine)
+    assert agent.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in agent.parameters())  # full fine-tuning: all trained
+    before = {k: p.detach().clone() for k, p in agent.named_parameters()}
+    one_ppo_step(agent, lr=1e-5)
+    changed = sum((p != before[k]).sum().item() for k, p in agent.named_parameters())
+    assert changed / sum(p.numel() for p in agent.parameters()) >= 0.99
+
+
+def test_bf16_lora_merges_in_float32_and_matches_the_unmerged_model():
+    cfg, _ = vlm_rl.parse_config(["--env", "numberline", "--device", "cpu", "--dtype", "bfloat16", "--lora-rank", "4"])
+    torch.manual_seed(0)
+    agent = vlm_rl.load_agent(cfg, NumberLine)
+    trained = [p for p in agent.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in trained)
+    assert all(p.dtype == torch.bfloat16 for p in agent.vlm.parameters() if not p.requires_grad)
+    for _ in range(3):
+        batch = one_ppo_step(agent, lr=1e-3)
+    with torch.no_grad():
+        ref = vlm_rl.score(agent, batch, 1.0)
+        vlm_rl.merge_lora(agent.vlm)
+        vlm_rl.cast(agent.vlm.parameters(), agent.dtype)
+        got = vlm_rl.score(agent, batch, 1.0)
+    gap = (got.token_logp - ref.token_logp)[ref.valid].abs()
+    assert gap.max() < 0.1 and gap.mean() < 0.02, (gap.max(), gap.mean())
+
+
+class Payload:
+    """Unpickling this object creates a file: what a crafted checkpoint.pt could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    run.mkdir()
+    torch.save({"config": Payload(str(marker))}, run / "checkpoint.pt")
+    r = run_cli("--resume", str(run), timeout=120)
+    assert r.returncode != 0 and "never loaded" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (run / "checkpoint.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    r = run_cli("--resume", str(run), timeout=120)
+    assert r.returncode != 0 and "not a vlm_rl checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_degenerate_sizes_run(tmp_path):
+    """One env, one step per update (a single advantage: nothing to normalise), no evaluation."""
+    s = tiny_main(tmp_path, "--num-envs", "1", "--num-steps", "1", "--total-steps", "2", "--sft-steps", "0",
+                  "--eval-episodes", "0", "--max-new-tokens", "8")
+    rows = metrics(tmp_path / "metrics.csv")
+    assert len(rows) == 2 and all(math.isfinite(float(r["policy_loss"])) for r in rows)
+    assert s["rl_success"] is None and s["eval"] == {"sft": None, "rl": None}
 
 
 # --- other architectures through the same code path: tiny random-weight models built offline
@@ -776,8 +963,8 @@ def test_scored_logprobs_equal_generate_scores(arch):
     scores = torch.stack(out.scores, 1)  # [B, M, V]
     sampled = out.sequences[:, inputs["input_ids"].shape[1]:]
     gen_logp = torch.log_softmax(scores, -1).gather(-1, sampled[..., None])[..., 0]
-    eos = agent.tokenizer.eos_token_id  # each answer ends at its first EOS, as vlm_rl.generate cuts it
-    answers = [row[:(row == eos).nonzero()[0, 0] + 1] if (row == eos).any() else row for row in sampled]
+    ends = torch.isin(sampled, torch.tensor(agent.stop_ids))  # each answer ends at its first end-of-turn token
+    answers = [row[:e.nonzero()[0, 0] + 1] if e.any() else row for row, e in zip(sampled, ends)]
     batch = [{**vlm_rl.prompt_sample(inputs, j), "answer": answers[j]} for j in range(3)]
     with torch.no_grad():
         token_logp, _, valid, value = vlm_rl.score(agent, batch, T)

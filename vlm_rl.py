@@ -7,38 +7,42 @@ The method, in the order the data flows through this file:
   1. The agent sees an image of the game and a prompt: the task, the legal actions, and the
      answer format, JSON with chain-of-thought (CoT) fields first and "action" last.
   2. The VLM samples an answer at temperature T; `parse_action` maps it to a legal action
-     (unparseable or illegal -> a random legal action, flagged invalid, optionally penalised).
+     (unparseable, illegal or cut off -> a random legal action, flagged invalid, penalised).
   3. The answer's log-probability under the policy weighs the thoughts by lambda (paper: 0.5):
          log pi(answer) = lambda * sum log p(thought tokens) + sum log p(action tokens)
      where the action part starts at the token that holds the start of `"action"`, found
      from the decoded text, so it works with any tokenizer.
   4. A value head (MLP) reads the final hidden state of the last prompt token.
   5. PPO at environment-step granularity: one whole answer is one action; GAE over env
-     steps; clipped surrogate + value loss with normalised advantages.
+     steps; clipped surrogate + clipped value loss with normalised advantages.
   Before RL, a supervised warm start (SFT) on CoT demonstrations teaches the format.
+  Evaluation plays held-out episodes (seeds training never uses); an invalid answer loses.
 
-Simplifications (all deliberate):
+Simplifications and differences from the paper's code (all deliberate):
   1. The default model is a tiny random-init Llava (CLIP + Llama) with a BPE tokenizer
      trained offline on the game's own text, so everything runs on a CPU in minutes.
   2. The SFT demonstrator reads the state right but picks a wrong action with probability
      `--demo-noise`, so SFT gives format and perception, and RL must learn the decisions.
-  3. Time-limit truncation is treated as termination (no bootstrap from the last state).
-  4. Old log-probs and values come from a scoring pass right after sampling (no reference
+  3. Old log-probs and values come from a scoring pass right after sampling (no reference
      model, no KL penalty), as in the paper's code.
-  5. Hyperparameters are tuned for the tiny model per game (PRESETS); the paper's 7B values are
-     in the comments.
+  4. PPO differs from the paper's in: a constant learning rate (paper: cosine decay), AdamW
+     minibatches of --minibatch-size (paper: 1 sample x 128 accumulation steps), grad-norm clip
+     1.0 (paper: 0.01), and time-limit truncation bootstraps from V(last state) (paper: a
+     terminal zero). Hyperparameters are tuned for the tiny model per game (PRESETS).
+  5. With --dtype bfloat16 the frozen weights are bf16; everything trained (and its AdamW
+     state) stays float32 and matmuls run under autocast. LoRA is merged in float32.
 
-Commands:
-  python vlm_rl.py --env numberline          # tiny model, CPU, about 6 minutes
-  python vlm_rl.py --env blackjack           # tiny model, CPU, about 17 minutes
+Commands (README.md has more):
+  python vlm_rl.py --env numberline          # tiny model, CPU, about 5 minutes
   python vlm_rl.py --env numberline --model llava-hf/llava-v1.6-mistral-7b-hf --device cuda \
-      --dtype bfloat16 --gradient-checkpointing --lora-rank 64 --num-envs 8 --minibatch-size 4 --lr 1e-5
-  python vlm_rl.py --env numberline --sft-steps 0 --total-steps 0 --model runs/numberline-s1/model   # evaluate
+      --dtype bfloat16 --gradient-checkpointing --lora-rank 64 --num-envs 8 --micro-batch 4 --lr 1e-5
   python vlm_rl.py --resume runs/numberline-s1   # continue a run from its last checkpoint
 """
 import argparse
+import collections
 import csv
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -50,11 +54,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import envs
 
 ENVS = {"numberline": envs.NumberLine, "blackjack": envs.Blackjack}
+EVAL_SEED = 10 ** 9  # held-out evaluation episode k is dealt from seed EVAL_SEED + k; training seeds stay below
 
 
 # --- config: one dataclass, turned into argparse flags ---
@@ -67,30 +74,32 @@ class Config:
     total_steps: int = 0           # RL env steps in all (per-env preset when not given)
     sft_steps: int = 0             # SFT warm-start steps (per-env preset when not given)
     sft_batch: int = 32
-    sft_lr: float = 3e-4
+    sft_lr: float = 0.0            # 0 = 3e-4 (full fine-tuning) or 1e-3 (LoRA)
+    micro_batch: int = 0           # rows per forward/backward in SFT and PPO; gradients accumulate (0 = all)
     demo_noise: float = -1.0       # P(demonstrator picks a wrong action); <0 = the env's default
     thought_coef: float = 0.5      # lambda: weight of the thought tokens' log-prob (paper: 0.5)
     no_cot: bool = False           # action-only prompt (the paper's "no CoT" ablation)
     temperature: float = 0.5       # sampling temperature (paper: 0.2 for a 7B model)
-    max_new_tokens: int = 48
-    lr: float = 5e-5               # PPO learning rate (paper: 1e-5 for a 7B LoRA model)
+    max_new_tokens: int = 0        # 0 = 48 for the tiny model, 256 with --model (a 7B model's CoT)
+    lr: float = 0.0                # PPO learning rate; 0 = 5e-5 (full) or 1e-4 (LoRA) (paper: 1e-5, 7B LoRA)
     gamma: float = 0.9             # paper values for gamma, GAE lambda, clip, epochs
     gae_lambda: float = 0.95
     clip: float = 0.1
     epochs: int = 4
     minibatch_size: int = 64
     vf_coef: float = 0.5
+    value_clip: float = 0.1        # new values stay within +-value_clip of the old ones (paper's code); 0 = off
     ent_coef: float = 0.0          # bonus on the entropy of the action tokens (keeps exploring)
     max_grad_norm: float = 1.0
     invalid_penalty: float = 1.0   # subtracted from the reward of an invalid answer
-    eval_episodes: int = 0         # per-env preset when not given
+    eval_episodes: int = 0         # held-out episodes per evaluation (per-env preset when not given)
     seed: int = 1
-    save_every: int = 1            # checkpoint every N PPO updates (cheap for the tiny model)
-    resume: str = ""               # an --out-dir to continue from its checkpoint.pt
+    save_every: int = 1            # checkpoint every N PPO updates
+    resume: str = ""               # an --out-dir to continue from its checkpoint.safetensors
     out_dir: str = ""              # default runs/<env>-s<seed>
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "float32"         # float32 | bfloat16 | float16
-    lora_rank: int = 0             # > 0: train LoRA adapters on the language model (+ value head) only
+    dtype: str = "float32"         # float32 | bfloat16: the dtype of frozen weights and of matmuls
+    lora_rank: int = 0             # > 0: LoRA on every linear layer but lm_head (trained in full on the tiny model)
     lora_alpha: float = 16.0
     gradient_checkpointing: bool = False
 
@@ -100,8 +109,9 @@ PRESETS = {  # tuned for the tiny model on a 2-core CPU
     # Blackjack's reward is noisy: bigger batches, fewer epochs, a smaller step; gamma 1 because the
     # objective is the undiscounted outcome of a hand (0.9 would make every hit look worse)
     "blackjack": dict(total_steps=20480, sft_steps=1000, eval_episodes=5000, num_envs=128, minibatch_size=128,
-                      epochs=2, lr=5e-5, gamma=1.0, temperature=0.3),
+                      epochs=2, gamma=1.0, temperature=0.3),
 }
+RESUME_MUST_MATCH = ("env", "model", "num_envs", "num_steps", "lora_rank")
 
 
 def parse_config(argv=None):
@@ -116,28 +126,47 @@ def parse_config(argv=None):
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     ckpt = None
     if given.get("resume"):  # continue a run: its own config, unless a flag overrides it
-        path = os.path.join(given["resume"], "checkpoint.pt")
+        path = os.path.join(run := given["resume"], "checkpoint.safetensors")
         if not os.path.isfile(path):
-            p.error(f"--resume {given['resume']!r}: no checkpoint.pt in that directory")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if given.setdefault("env", ckpt["config"]["env"]) != ckpt["config"]["env"]:
-            p.error(f"--resume {given['resume']!r} is a {ckpt['config']['env']} run, not {given['env']}")
-        given = {**ckpt["config"], "out_dir": given["resume"], **given}
+            p.error(f"--resume {run!r}: no checkpoint.safetensors in that directory" + (
+                " (a checkpoint.pt is never loaded: unpickling a file can run code)"
+                if os.path.exists(os.path.join(run, "checkpoint.pt")) else ""))
+        try:  # tensors and JSON only: reading it runs no code
+            with safe_open(path, "pt") as f:
+                ckpt = json.loads(f.metadata()["state"])
+            saved = {k: ckpt["config"][k] for k in RESUME_MUST_MATCH}
+        except Exception as e:
+            p.error(f"--resume {run!r}: not a vlm_rl checkpoint ({type(e).__name__})")
+        for k, v in saved.items():
+            if given.setdefault(k, v) != v:
+                p.error(f"--resume {run!r}: that run has --{k.replace('_', '-')} {v!r}, not {given[k]!r}")
+        given = {**ckpt["config"], "out_dir": run, **given}
     if given.get("env", Config.env) not in ENVS:
         p.error(f"unknown env {given['env']!r}; choose from {sorted(ENVS)}")
     cfg = Config(**{**PRESETS[given.get("env", Config.env)], **given})
-    for bad, msg in [(not 0 <= cfg.thought_coef <= 1, "--thought-coef must be in [0, 1]"),
-                     (not 0 < cfg.temperature <= 10, "--temperature must be in (0, 10]"),
-                     (not 0 < cfg.lr < 1 or not 0 < cfg.sft_lr < 1, "learning rates must be in (0, 1)"),
-                     (min(cfg.num_envs, cfg.num_steps, cfg.minibatch_size, cfg.sft_batch, cfg.save_every) < 1,
-                      "--num-envs, --num-steps, --minibatch-size, --sft-batch and --save-every must be >= 1"),
-                     (min(cfg.total_steps, cfg.sft_steps, cfg.eval_episodes) < 0, "step counts must be >= 0"),
-                     (cfg.demo_noise > 1, "--demo-noise must be <= 1"),
-                     (cfg.dtype not in ("float32", "bfloat16", "float16"), f"unknown --dtype {cfg.dtype!r}"),
-                     (cfg.device.startswith("cuda") and not torch.cuda.is_available(),
-                      f"--device {cfg.device} but CUDA is not available")]:
+    batch, c = cfg.num_envs * cfg.num_steps, cfg
+    for bad, msg in [
+            (not 0 <= c.thought_coef <= 1, "--thought-coef must be in [0, 1]"),
+            (not 0 < c.temperature <= 10, "--temperature must be in (0, 10]"),
+            (not (0 <= c.lr < 1 and 0 <= c.sft_lr < 1), "learning rates must be in (0, 1)"),
+            (min(c.num_envs, c.num_steps, c.minibatch_size, c.sft_batch, c.save_every, c.epochs) < 1,
+             "--num-envs, --num-steps, --minibatch-size, --sft-batch, --save-every and --epochs must be >= 1"),
+            (min(c.total_steps, c.sft_steps, c.eval_episodes, c.micro_batch, c.max_new_tokens) < 0, "negative count"),
+            (0 < c.total_steps < batch, f"--total-steps {c.total_steps} is below one PPO update ({batch}); 0 = no RL"),
+            (given.get("minibatch_size", 0) > batch, f"--minibatch-size {c.minibatch_size} is larger than the batch "
+                                                     f"of an update ({batch})"),
+            (not 0 <= c.seed < 10 ** 5, "--seed must be in [0, 100000)"),  # training seeds stay below EVAL_SEED
+            (c.demo_noise > 1, "--demo-noise must be <= 1"),
+            (c.dtype not in ("float32", "bfloat16"), f"--dtype {c.dtype!r}: use float32 or bfloat16 (float16 would "
+                                                     "need loss scaling)"),
+            (c.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {c.device} but CUDA is not "
+                                                                             "available")]:
         if bad:
             p.error(msg)
+    cfg.minibatch_size = min(cfg.minibatch_size, batch)  # a preset's minibatch never exceeds a small batch
+    cfg.lr = cfg.lr or (1e-4 if cfg.lora_rank else 5e-5)
+    cfg.sft_lr = cfg.sft_lr or (1e-3 if cfg.lora_rank else 3e-4)
+    cfg.max_new_tokens = cfg.max_new_tokens or (256 if cfg.model else 48)
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.env}-s{cfg.seed}"
     return cfg, ckpt
 
@@ -218,13 +247,15 @@ def build_tiny_model(env_cls, seed=0):
 
 
 class Agent(nn.Module):
-    """The VLM policy plus a value head: an MLP on the last prompt token's final hidden state."""
+    """The VLM policy plus a value head: an MLP on the last prompt token's final hidden state.
+    `dtype` is the compute dtype (autocast); trained tensors are float32 whatever it is."""
 
-    def __init__(self, vlm, processor):
+    def __init__(self, vlm, processor, dtype=None):
         super().__init__()
         self.vlm, self.processor, self.tokenizer = vlm, processor, processor.tokenizer
-        hidden = vlm.config.get_text_config().hidden_size
-        self.value_head = nn.Sequential(nn.Linear(hidden, 256), nn.Tanh(), nn.Linear(256, 1))
+        self.dtype = dtype or next(vlm.parameters()).dtype
+        self.value_head = nn.Sequential(nn.Linear(vlm.config.get_text_config().hidden_size, 256), nn.Tanh(),
+                                        nn.Linear(256, 1))
         # Placeholder tokens (e.g. <image>) must never be sampled: the next forward pass would
         # find more image tokens than images. They are masked the same way when scoring. The
         # processor's name for one can differ from the model's (Gemma3: <start_of_image>): take both.
@@ -232,34 +263,60 @@ class Agent(nn.Module):
         ids |= {self.tokenizer.convert_tokens_to_ids(getattr(processor, t)) for t in ("image_token", "video_token")
                 if getattr(processor, t, None)}
         self.suppress = sorted(ids - {None})
+        self.stop_ids = end_of_turn_ids(vlm, processor)
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+def end_of_turn_ids(vlm, processor):
+    """Every id that ends a reply, the one SFT teaches first: chat models have their own (Qwen <|im_end|>,
+    Gemma <end_of_turn>, Llama-3 <|eot_id|>), named by the chat template and the generation config."""
+    tok, ids = processor.tokenizer, []
+    try:  # the token the chat template writes right after an assistant reply, if it is a special one
+        turn = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "XQZ"}]}]
+        end = tok(processor.apply_chat_template(turn).split("XQZ", 1)[1], add_special_tokens=False).input_ids
+        ids += [i for i in end[:1] if i in tok.all_special_ids or tok.convert_ids_to_tokens(i) in tok.get_added_vocab()]
+    except Exception:  # no chat template (the tiny model), or one that cannot render an assistant turn
+        pass
+    eos = vlm.generation_config.eos_token_id  # None, an id or a list of ids
+    ids += (eos if isinstance(eos, list) else [eos]) + [tok.eos_token_id]
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) * B A x, with W frozen and B = 0 at the start (Hu et al. 2021)."""
+    """y = W x + (alpha / r) * B A x, with W frozen and B = 0 at the start (Hu et al. 2021).
+    A and B are float32 whatever W's dtype is: an update below bf16's resolution must not round away."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
         self.base, self.scale = base, alpha / rank
-        self.A = nn.Parameter(torch.randn(rank, base.in_features, dtype=base.weight.dtype) / base.in_features ** 0.5)
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))
+        self.A = nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / base.in_features ** 0.5)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
 
     def forward(self, x):
         return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
 
     def merged(self):
-        """The plain nn.Linear with the adapter folded in, for a checkpoint any transformers can load."""
-        self.base.weight.data += self.scale * (self.B @ self.A).to(self.base.weight.dtype)
+        """The plain nn.Linear with the adapter folded in (in float32, then cast once)."""
+        w = self.base.weight
+        w.data = (w.data.float() + self.scale * (self.B @ self.A).detach().float()).to(w.dtype)
         return self.base
 
 
 def add_lora(vlm, rank, alpha):
-    """Adapters on every linear layer of the language model (not the vision tower, not lm_head);
-    all original weights frozen."""
+    """Adapters on every linear layer but lm_head (vision tower and projector included, as in the
+    paper's code); all original weights frozen."""
     vlm.requires_grad_(False)
-    lm = vlm.get_decoder() if hasattr(vlm, "get_decoder") else vlm.model.language_model
-    for name, module in list(lm.named_modules()):
+    head = vlm.get_output_embeddings()
+    for module in list(vlm.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and child is not head:
                 setattr(module, child_name, LoRALinear(child, rank, alpha))
 
 
@@ -270,8 +327,14 @@ def merge_lora(vlm):
                 setattr(module, child_name, child.merged())
 
 
+UNSUPPORTED = {"mllama": "its 4-D cross-attention mask is not extended over answer tokens when scoring",
+               "florence2": "encoder-decoder models are not scored (the answer log-prob assumes a decoder-only VLM)"}
+
+
 def load_agent(cfg, env_cls):
-    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+    """The VLM (frozen weights in --dtype), optional LoRA adapters, the value head; every trained
+    tensor in float32. Generation is reset to plain sampling from softmax(logits / T)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
     dtype = getattr(torch, cfg.dtype)
     if not cfg.model:
         vlm, processor = build_tiny_model(env_cls, cfg.seed)
@@ -279,22 +342,34 @@ def load_agent(cfg, env_cls):
         from huggingface_hub.utils import logging as hub_logging
         hub_logging.set_verbosity_error()  # one error line below instead of a retry log
         try:
+            model_type = AutoConfig.from_pretrained(cfg.model).model_type
+            if model_type in UNSUPPORTED:
+                sys.exit(f"vlm_rl.py: error: {model_type} models are not supported: {UNSUPPORTED[model_type]}")
             vlm = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
             processor = AutoProcessor.from_pretrained(cfg.model)
         except Exception as e:  # missing path, no network, unsupported architecture...
             sys.exit(f"vlm_rl.py: error: cannot load model {cfg.model!r}: {str(e).splitlines()[0]}")
-    # Published generation configs (top_k, repetition_penalty, ...) would change the sampled
-    # distribution away from softmax(logits / T): replace the whole config.
-    vlm.generation_config = GenerationConfig()
     if cfg.gradient_checkpointing:
         (getattr(vlm, "activation_checkpointing_enable", None) or vlm.gradient_checkpointing_enable)()
+    cast(vlm.parameters(), dtype)
     if cfg.lora_rank:
         add_lora(vlm, cfg.lora_rank, cfg.lora_alpha)
-    agent = Agent(vlm, processor)
-    head = os.path.join(cfg.model, "value_head.pt")
-    if cfg.model and os.path.exists(head):
-        agent.value_head.load_state_dict(torch.load(head, map_location="cpu"))
-    return agent.to(cfg.device, dtype)
+        # the tiny model is random, its output layer too: frozen, it caps the logits' scale (loss stays > 3)
+        vlm.get_output_embeddings().requires_grad_(not cfg.model)
+    agent = Agent(vlm, processor, dtype)
+    # Published generation configs (top_k, repetition_penalty, ...) would change the sampled
+    # distribution away from softmax(logits / T): replace the whole config (end ids read above).
+    vlm.generation_config = GenerationConfig()
+    if cfg.model and os.path.exists(head := os.path.join(cfg.model, "value_head.safetensors")):
+        agent.value_head.load_state_dict(load_file(head))
+    cast([p for p in agent.parameters() if p.requires_grad], torch.float32)  # float32 masters of what trains
+    return agent.to(cfg.device)
+
+
+def cast(params, dtype):
+    """Parameters only: buffers such as RoPE frequencies keep the dtype the model gave them."""
+    for p in params:
+        p.data = p.data.to(dtype)
 
 
 # --- rollout: one batched generate call samples every environment's answer ---
@@ -307,43 +382,76 @@ def encode_prompts(agent, images, text):
 
 
 def sampling_kwargs(agent, temperature, max_new_tokens):
-    """generate() settings that sample from exactly softmax(logits / T): no top-k (which
-    transformers applies by default), no top-p, no repetition penalty."""
-    tok = agent.tokenizer
-    return dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                max_new_tokens=max_new_tokens, suppress_tokens=agent.suppress or None,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    """generate() settings that sample from exactly softmax(logits / T): no top-k (transformers' default
+    is 50), no top-p, no repetition penalty. T = 0: greedy."""
+    sample = dict(temperature=temperature, top_k=0, top_p=1.0) if temperature else {}
+    return dict(do_sample=bool(temperature), **sample, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                suppress_tokens=agent.suppress or None, eos_token_id=agent.stop_ids,
+                pad_token_id=agent.tokenizer.pad_token_id)  # batched prompts need a pad token anyway
 
 
 @torch.no_grad()
 def generate(agent, inputs, temperature, max_new_tokens):
-    """Sample one answer per prompt; returns a list of 1-D token tensors, each cut after its EOS."""
-    tok = agent.tokenizer
-    out = agent.vlm.generate(**inputs, **sampling_kwargs(agent, temperature, max_new_tokens))
+    """Sample one answer per prompt; returns a list of 1-D token tensors, each cut after its
+    first end-of-turn token (an answer without one was cut by the length limit)."""
+    with agent.autocast():
+        out = agent.vlm.generate(**inputs, **sampling_kwargs(agent, temperature, max_new_tokens))
     answers = out[:, inputs["input_ids"].shape[1]:].cpu()  # [B, M]
-    # keep each answer up to and including its first EOS
-    ids = []
-    for row in answers.tolist():
-        n = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
-        ids.append(torch.tensor(row[:n]))
-    return ids
+    ends = torch.isin(answers, torch.tensor(agent.stop_ids)).int()
+    lengths = torch.where(ends.any(1), ends.argmax(1) + 1, answers.shape[1])
+    return [a[:n] for a, n in zip(answers, lengths.tolist())]
+
+
+# what one batched step of the environments returns, one entry per environment stepped
+Step = collections.namedtuple("Step", "samples rewards dones truncated successes invalid final_obs")
+
+
+class Runner:
+    """Steps a list of environments with the agent; auto-resets finished episodes. Env i is first dealt
+    from seed + i, later deals from its own RNG; with fresh_seeds every deal takes the next seed in order."""
+
+    def __init__(self, agent, env_cls, n, seed, cfg, fresh_seeds=False):
+        self.agent, self.cfg, self.temperature = agent, cfg, cfg.temperature
+        self.seeds, self.fresh, self.rng = itertools.count(seed), fresh_seeds, random.Random(seed)
+        self.envs = [env_cls() for _ in range(n)]
+        self.obs = [e.reset(seed=next(self.seeds))[0] for e in self.envs]
+        self.text = prompt_text(agent.processor, build_prompt(self.envs[0], not cfg.no_cot))
+
+    def step(self, idx=None):
+        """Act in envs `idx` (default all): sample answers, parse them, step the games."""
+        idx = range(len(self.envs)) if idx is None else idx
+        inputs = encode_prompts(self.agent, [self.obs[i] for i in idx], self.text).to(self.agent.device)
+        answers = generate(self.agent, inputs, self.temperature, self.cfg.max_new_tokens)
+        texts = self.agent.tokenizer.batch_decode(answers, skip_special_tokens=True)
+        out = []
+        for j, i in enumerate(idx):
+            env, (action, split) = self.envs[i], parse_action(texts[j], self.envs[i].action_names)
+            invalid = action is None or answers[j][-1].item() not in self.agent.stop_ids  # cut off: invalid too
+            action = self.rng.randrange(len(env.action_names)) if invalid else action
+            final_obs, reward, term, trunc, info = env.step(action)
+            self.obs[i] = env.reset(seed=next(self.seeds) if self.fresh else None)[0] if term or trunc else final_obs
+            out.append(({**prompt_sample(inputs, j), "answer": answers[j], "split": split},
+                        reward - self.cfg.invalid_penalty * invalid, term or trunc, trunc and not term,
+                        info["success"], invalid, final_obs))
+        return Step(*map(list, zip(*out)))  # per env -> per field
 
 
 # --- log-probs: lambda-weighted answer log-prob, action split from the decoded text ---
 def action_token_mask(tokenizer, answer_ids, split_chars):
-    """[B, M] bool: True for tokens of the action part, i.e. the token containing character
-    `split_chars[b]` of the decoded answer and every token after it. Found by decoding
-    prefixes, so it needs no knowledge of token ids (the original code hard-coded them)."""
+    """[B, M] bool: True for the action part, the token holding character `split_chars[b]` of the decoded answer
+    and all after it. Found by decoding prefixes (binary search: a longer prefix never decodes shorter), so it
+    needs no knowledge of token ids (the original code hard-coded them)."""
     M = max(len(a) for a in answer_ids)
     mask = torch.zeros(len(answer_ids), M, dtype=torch.bool)
     for b, (ids, split) in enumerate(zip(answer_ids, split_chars)):
-        ids = list(ids)
-        ends = [len(s) for s in tokenizer.batch_decode([ids[:k + 1] for k in range(len(ids))],
-                                                        skip_special_tokens=True)]
-        for k, end in enumerate(ends):  # token k spans characters [ends[k-1], ends[k])
-            if end > split:
-                mask[b, k:len(ids)] = True
-                break
+        ids, lo, hi = list(ids), 0, len(ids)
+        while lo < hi:  # the first k whose prefix ids[:k + 1] decodes past character `split`
+            mid = (lo + hi) // 2
+            if len(tokenizer.decode(ids[:mid + 1], skip_special_tokens=True)) > split:
+                hi = mid
+            else:
+                lo = mid + 1
+        mask[b, lo:len(ids)] = True
     return mask
 
 
@@ -386,7 +494,7 @@ def prompt_sample(inputs, j):
 def collate(agent, batch, device):
     """Join left-padded prompts with right-padded answers: input [B, P + M], answers [B, M].
     Other per-token tensors are padded alike, then filled over the answer from ANSWER_TOKEN_FILL."""
-    pad, dtype, model = agent.tokenizer.pad_token_id, next(agent.parameters()).dtype, agent.vlm.config.model_type
+    pad, model = agent.tokenizer.pad_token_id or 0, agent.vlm.config.model_type
     P, M = max(len(s["prompt"]["input_ids"]) for s in batch), max(len(s["answer"]) for s in batch)
     inputs = {k: torch.zeros(len(batch), P + M, dtype=v.dtype) for k, v in batch[0]["prompt"].items()}
     inputs["input_ids"].fill_(pad)
@@ -402,18 +510,21 @@ def collate(agent, batch, device):
     inputs = {k: v.to(device) for k, v in inputs.items()}
     for k in batch[0]["extra"]:
         v = torch.cat([s["extra"][k] for s in batch]).to(device)
-        inputs[k] = v.to(dtype) if v.is_floating_point() else v
+        inputs[k] = v.to(agent.dtype) if v.is_floating_point() else v
     return inputs, P
 
 
+Scored = collections.namedtuple("Scored", "token_logp entropy valid value")  # [B, M] x 3, [B]
+
+
 def score(agent, batch, temperature):
-    """One forward pass over prompt + answer. Returns token log-probs under softmax(logits / T)
-    [B, M], their entropies [B, M], the answer mask [B, M] and values [B]. Only the last M + 1
-    positions get logits: no [B, P + M, V] tensor is built for the prompt."""
-    device = next(agent.parameters()).device
-    inputs, P = collate(agent, batch, device)
+    """One forward pass over prompt + answer: token log-probs under softmax(logits / T), their entropies, the
+    answer mask and the values. Only the last M + 1 positions get logits: no [B, P + M, V] tensor for the prompt."""
+    inputs, P = collate(agent, batch, agent.device)
     M = inputs["input_ids"].shape[1] - P
-    out = agent.vlm(**inputs, logits_to_keep=M + 1, output_hidden_states=True)
+    with agent.autocast():
+        out = agent.vlm(**inputs, logits_to_keep=M + 1, output_hidden_states=True)
+        value = agent.value_head(out.hidden_states[-1][:, P - 1]).squeeze(-1).float()  # last prompt token
     logits = out.logits[:, :-1].float() / temperature  # [B, M, V] predicts answer tokens
     if agent.suppress:
         logits[..., agent.suppress] = float("-inf")
@@ -421,9 +532,14 @@ def score(agent, batch, temperature):
     answers = inputs["input_ids"][:, P:]  # [B, M]
     token_logp = logp.gather(-1, answers.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp.exp() * logp.masked_fill(logp.isinf(), 0)).sum(-1)  # suppressed ids: 0, not NaN
-    valid = inputs["attention_mask"][:, P:].bool()
-    value = agent.value_head(out.hidden_states[-1][:, P - 1]).squeeze(-1).float()  # last prompt token
-    return token_logp, entropy, valid, value
+    return Scored(token_logp, entropy, inputs["attention_mask"][:, P:].bool(), value)
+
+
+@torch.no_grad()
+def value_of(agent, images, text):
+    """V(s) of observations [B]: a stand-in one-token answer; only the value is read."""
+    inputs, end = encode_prompts(agent, images, text), torch.tensor(agent.stop_ids[:1])
+    return score(agent, [{**prompt_sample(inputs, j), "answer": end} for j in range(len(images))], 1.0).value.cpu()
 
 
 # --- GAE over env steps (names follow CleanRL's ppo.py) ---
@@ -440,70 +556,137 @@ def gae(rewards, values, dones, next_value, gamma, gae_lambda):
     return advantages, advantages + values
 
 
-def ppo_loss(logp, old_logp, advantages, values, returns, clip, vf_coef):
-    """Clipped surrogate (Schulman et al. 2017) + value loss, on whole answers."""
+PPOLoss = collections.namedtuple("PPOLoss", "loss pg_loss v_loss stats")
+
+
+def ppo_loss(logp, old_logp, advantages, values, returns, clip, vf_coef, old_values=None, value_clip=0.0):
+    """Clipped surrogate (Schulman et al. 2017) + value loss, on whole answers. With value_clip,
+    the value loss is the larger of the plain and the clipped squared error (the paper's code)."""
     logratio = logp - old_logp
     ratio = logratio.exp()
     pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
-    v_loss = 0.5 * ((values - returns) ** 2).mean()
+    v_loss = (values - returns) ** 2
+    if value_clip:
+        clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+        v_loss = torch.max(v_loss, (clipped - returns) ** 2)
+    v_loss = 0.5 * v_loss.mean()
     with torch.no_grad():
         stats = {"approx_kl": ((ratio - 1) - logratio).mean().item(),
                  "clip_frac": ((ratio - 1).abs() > clip).float().mean().item()}
-    return pg_loss + vf_coef * v_loss, pg_loss, v_loss, stats
+    return PPOLoss(pg_loss + vf_coef * v_loss, pg_loss, v_loss, stats)
 
 
-# --- acting in a batch of environments ---
-class Runner:
-    """Steps a list of environments with the agent; auto-resets finished episodes."""
+# --- PPO: rollout -> GAE -> minibatch epochs ---
+def train(agent, opt, runner, cfg, state, log, save):
+    """PPO updates from state["update"] + 1 on; `save` checkpoints after every `save_every`."""
+    S, E, updates = cfg.num_steps, cfg.num_envs, cfg.total_steps // (cfg.num_steps * cfg.num_envs)
+    bar = tqdm(range(state["update"] + 1, updates + 1), desc="ppo", initial=state["update"], total=updates)
+    for update in bar:
+        t0, seconds = time.time(), collections.Counter()
+        agent.eval()
+        rewards, dones, values, old_logp = (torch.zeros(S, E) for _ in range(4))
+        samples, successes, invalid = [], [], 0
+        for t in range(S):
+            t1, step, t2 = time.time(), runner.step(), time.time()
+            with torch.no_grad():  # old log-probs and values from our own scoring pass
+                token_logp, _, valid, value = score(agent, step.samples, cfg.temperature)
+            amask = action_token_mask(agent.tokenizer, [s["answer"] for s in step.samples],
+                                      [s["split"] for s in step.samples])
+            for s, m in zip(step.samples, amask):
+                s["action_mask"] = m[:len(s["answer"])]
+            old_logp[t] = answer_logprob(token_logp, amask.to(valid.device), valid, cfg.thought_coef).cpu()
+            values[t] = value.cpu()
+            rewards[t], dones[t] = torch.tensor(step.rewards), torch.tensor(step.dones, dtype=torch.float)
+            if cut := [j for j in range(E) if step.truncated[j]]:  # a time limit: bootstrap, it is no terminal
+                rewards[t, cut] += cfg.gamma * value_of(agent, [step.final_obs[j] for j in cut], runner.text)
+            successes += [s for s, d in zip(step.successes, step.dones) if d]
+            invalid, samples = invalid + sum(step.invalid), samples + step.samples
+            seconds.update(gen_seconds=t2 - t1, score_seconds=time.time() - t2)
+        next_value = value_of(agent, runner.obs, runner.text)  # the state each env is in now
+        advantages, returns = gae(rewards, values, dones, next_value, cfg.gamma, cfg.gae_lambda)
+        flat = lambda x: x.flatten().to(agent.device)  # [S * E] from here on
+        advantages, returns, old_logp, old_values = flat(advantages), flat(returns), flat(old_logp), flat(values)
+        explained_var = (1 - (returns - old_values).var() / returns.var()).item()
+        if S * E > 1:  # one advantage has no spread to normalise by
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        t3 = time.time()
+        agent.train()
+        stats, grad_norms = [], []
+        for epoch in range(cfg.epochs):
+            for mb in torch.randperm(S * E).split(cfg.minibatch_size):
+                opt.zero_grad()
+                for part in mb.split(cfg.micro_batch or len(mb)):  # gradient accumulation over micro-batches
+                    batch = [samples[i] for i in part.tolist()]
+                    token_logp, entropy, valid, value = score(agent, batch, cfg.temperature)
+                    amask = torch.zeros_like(valid)
+                    for b, s in enumerate(batch):
+                        amask[b, :len(s["answer"])] = s["action_mask"]
+                    logp = answer_logprob(token_logp, amask, valid, cfg.thought_coef)
+                    loss, pg, vl, st = ppo_loss(logp, old_logp[part], advantages[part], value, returns[part], cfg.clip,
+                                                cfg.vf_coef, old_values[part], cfg.value_clip)
+                    ent = torch.where(amask & valid, entropy, 0.0).sum(-1).mean()  # of the action tokens
+                    loss = loss - cfg.ent_coef * ent
+                    if not torch.isfinite(loss):  # NaN/inf in log-probs or values: stop before the step
+                        sys.exit(f"vlm_rl.py: error: non-finite loss in PPO update {update}; the last good "
+                                 f"checkpoint (update {state['update']}) is kept in {cfg.out_dir}")
+                    (loss * len(part) / len(mb)).backward()
+                    stats.append([pg.item(), vl.item(), ent.item(), st["approx_kl"], st["clip_frac"]])
+                grad_norms.append(nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.max_grad_norm).item())
+                opt.step()
+        pg, vl, ent, kl, cf = np.mean(stats, 0)
+        row = {"update": update, "env_steps": update * S * E, "train_success": np.mean(successes or [np.nan]),
+               "invalid_rate": invalid / (S * E), "policy_loss": pg, "value_loss": vl, "entropy": ent,
+               "approx_kl": kl, "clip_frac": cf, "explained_var": explained_var, "grad_norm": np.mean(grad_norms),
+               **seconds, "ppo_seconds": time.time() - t3, "seconds": time.time() - t0}
+        log(row)
+        state["update"] = update
+        if update % cfg.save_every == 0 or update == updates:
+            save()
+        bar.set_postfix(success=f"{row['train_success']:.2f}", invalid=f"{row['invalid_rate']:.1%}",
+                        pg=f"{pg:.3f}", v=f"{vl:.3f}", kl=f"{kl:.3f}")
 
-    def __init__(self, agent, env_cls, n, seed, cfg):
-        self.agent, self.cfg, self.envs = agent, cfg, [env_cls() for _ in range(n)]
-        self.obs = [e.reset(seed=seed + i)[0] for i, e in enumerate(self.envs)]
-        self.text = prompt_text(agent.processor, build_prompt(self.envs[0], not cfg.no_cot))
-        self.rng = random.Random(seed)
 
-    def step(self, idx=None):
-        """Act in envs `idx` (default all). Returns per-env samples and transition info."""
-        idx = range(len(self.envs)) if idx is None else idx
-        inputs = encode_prompts(self.agent, [self.obs[i] for i in idx], self.text)
-        answers = generate(self.agent, inputs.to(self.cfg.device), self.cfg.temperature, self.cfg.max_new_tokens)
-        texts = self.agent.tokenizer.batch_decode(answers, skip_special_tokens=True)
-        samples, info = [], []
-        for j, i in enumerate(idx):
-            env, (action, split) = self.envs[i], parse_action(texts[j], self.envs[i].action_names)
-            invalid = action is None
-            if invalid:
-                action = self.rng.randrange(len(env.action_names))
-            obs, reward, term, trunc, inf = env.step(action)
-            done = term or trunc
-            if done:
-                obs = env.reset()[0]
-            self.obs[i] = obs
-            samples.append({**prompt_sample(inputs, j), "answer": answers[j], "split": split})
-            info.append((reward - self.cfg.invalid_penalty * invalid, done, inf["success"], invalid))
-        return samples, info
-
-
+# --- evaluation: held-out episodes, an invalid answer loses ---
 @torch.no_grad()
-def evaluate(agent, env_cls, cfg, episodes, seed):
-    """Success rate over `episodes` whole episodes (each env plays its share; no bias toward
-    short episodes) and the invalid-answer rate."""
+def evaluate(agent, env_cls, cfg, episodes, greedy=False):
+    """Episode k is dealt from seed EVAL_SEED + k: every evaluation of a run (after SFT or RL, sampled or greedy)
+    plays the same deals, which training never sees. An episode with an invalid answer fails. Sampling uses a
+    forked RNG: training's streams are untouched. "paper_success": total reward > 0 (the paper's measure)."""
     agent.eval()
-    torch.manual_seed(seed)  # the same sampling noise for every evaluation of the same seed
-    n = min(cfg.num_envs * 2, episodes)
-    runner = Runner(agent, env_cls, n, seed, cfg)
-    quota = [episodes // n + (i < episodes % n) for i in range(n)]
-    wins = steps = invalid = 0
-    bar = tqdm(total=episodes, desc="eval", leave=False)
-    while any(quota):
-        idx = [i for i in range(n) if quota[i]]
-        for i, (_, done, success, inv) in zip(idx, runner.step(idx)[1]):
-            steps, invalid = steps + 1, invalid + inv
-            if done:
-                quota[i], wins = quota[i] - 1, wins + success
-                bar.update(1)
-    bar.close()
-    return wins / episodes, invalid / max(steps, 1)
+    n = min(2 * cfg.num_envs, episodes)  # no gradients to hold: a bigger batch fits
+    with torch.random.fork_rng(devices=[agent.device] if agent.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        runner = Runner(agent, env_cls, n, EVAL_SEED, cfg, fresh_seeds=True)
+        runner.temperature = 0.0 if greedy else cfg.temperature
+        episode, ret, bad = list(range(n)), [0.0] * n, [False] * n  # per env: its episode, return, any invalid
+        wins = paper = invalid = steps = 0
+        bar = tqdm(total=episodes, desc="eval greedy" if greedy else "eval", leave=False)
+        while active := [i for i in range(n) if episode[i] < episodes]:
+            step = runner.step(active)
+            steps, invalid = steps + len(active), invalid + sum(step.invalid)
+            for j, i in enumerate(active):
+                ret[i] += step.rewards[j]
+                bad[i] = bad[i] or step.invalid[j]
+                if step.dones[j]:
+                    wins += step.successes[j] and not bad[i]
+                    paper += ret[i] > 0
+                    # the runner has dealt env i the next seed: episodes are handed out in the order seen here
+                    episode[i], ret[i], bad[i] = max(episode) + 1, 0.0, False
+                    bar.update(1)
+        bar.close()
+    p = wins / episodes
+    return {"success": p, "se": (p * (1 - p) / episodes) ** 0.5, "paper_success": paper / episodes,
+            "invalid_rate": invalid / max(steps, 1), "episodes": episodes}
+
+
+def evaluations(agent, env_cls, cfg, when):
+    """Held-out success, sampled at the training temperature and greedy, printed; None without episodes."""
+    if not cfg.eval_episodes:
+        return None
+    e = {mode: evaluate(agent, env_cls, cfg, cfg.eval_episodes, mode == "greedy") for mode in ("sampled", "greedy")}
+    print(f"{when}: success {e['sampled']['success']:.3f} (greedy {e['greedy']['success']:.3f}), "
+          f"invalid {e['sampled']['invalid_rate']:.1%} ({cfg.eval_episodes} held-out episodes)")
+    return e
 
 
 # --- SFT warm start: cross-entropy on the demonstrator's answers ---
@@ -515,100 +698,31 @@ def sft(agent, env_cls, cfg):
     rng = random.Random(cfg.seed)
     noise = env_cls.default_noise if cfg.demo_noise < 0 else cfg.demo_noise
     opt = torch.optim.AdamW([p for p in agent.vlm.parameters() if p.requires_grad], lr=cfg.sft_lr)
-    eos = agent.tokenizer.eos_token
     agent.train()
     for step in (bar := tqdm(range(cfg.sft_steps), desc="sft")):
         demos = [e.demo(noise, rng, cot=not cfg.no_cot) for e in env_list]
         inputs = encode_prompts(agent, obs, text)
-        answers = agent.tokenizer([d + eos for d in demos], add_special_tokens=False)["input_ids"]
+        answers = [a + agent.stop_ids[:1] for a in agent.tokenizer(demos, add_special_tokens=False)["input_ids"]]
         batch = [{**prompt_sample(inputs, j), "answer": torch.tensor(a)} for j, a in enumerate(answers)]
-        token_logp, _, valid, _ = score(agent, batch, 1.0)
-        loss = -token_logp[valid].mean()
         opt.zero_grad()
-        loss.backward()
+        loss, tokens, micro = 0.0, sum(map(len, answers)), cfg.micro_batch or len(batch)
+        for k in range(0, len(batch), micro):  # gradient accumulation over micro-batches
+            token_logp, _, valid, _ = score(agent, batch[k:k + micro], 1.0)
+            part = -token_logp[valid].sum() / tokens  # the mean is over every answer token of the batch
+            part.backward()
+            loss += part.item()
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}")
         for j, e in enumerate(env_list):  # the demonstrator acts on its own answer
             o, _, term, trunc, _ = e.step(parse_action(demos[j], e.action_names)[0])
             obs[j] = e.reset()[0] if term or trunc else o
 
 
-# --- PPO: rollout -> GAE -> minibatch epochs ---
-def train(agent, opt, runner, cfg, state, log, save):
-    """PPO updates from state["update"] + 1 on; `save` checkpoints after every `save_every`."""
-    S, E = cfg.num_steps, cfg.num_envs
-    updates = cfg.total_steps // (S * E)
-    bar = tqdm(range(state["update"] + 1, updates + 1), desc="ppo", initial=state["update"], total=updates)
-    for update in bar:
-        t0 = time.time()
-        agent.eval()
-        rewards, dones, values, old_logp = (torch.zeros(S, E) for _ in range(4))
-        samples, successes, invalid = [], [], 0
-        for t in range(S):
-            step_samples, info = runner.step()
-            with torch.no_grad():  # old log-probs and values from our own scoring pass
-                token_logp, _, valid, value = score(agent, step_samples, cfg.temperature)
-            amask = action_token_mask(agent.tokenizer, [s["answer"] for s in step_samples],
-                                      [s["split"] for s in step_samples])
-            for s, m in zip(step_samples, amask):
-                s["action_mask"] = m[:len(s["answer"])]
-            old_logp[t] = answer_logprob(token_logp, amask.to(valid.device), valid, cfg.thought_coef).cpu()
-            values[t] = value.cpu()
-            rewards[t] = torch.tensor([r for r, _, _, _ in info])
-            dones[t] = torch.tensor([float(d) for _, d, _, _ in info])
-            successes += [s for _, d, s, _ in info if d]
-            invalid += sum(v for _, _, _, v in info)
-            samples += step_samples
-        with torch.no_grad():  # value of the state each env is in now, for bootstrapping
-            inputs = encode_prompts(agent, runner.obs, runner.text)
-            eos = torch.tensor([agent.tokenizer.eos_token_id])  # a stand-in answer: only the value is used
-            next_batch = [{**prompt_sample(inputs, j), "answer": eos} for j in range(E)]
-            next_value = score(agent, next_batch, cfg.temperature)[3].cpu()
-        advantages, returns = gae(rewards, values, dones, next_value, cfg.gamma, cfg.gae_lambda)
-        advantages, returns, old_logp = advantages.flatten(), returns.flatten(), old_logp.flatten()  # [S * E]
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-
-        agent.train()
-        stats = []
-        for epoch in range(cfg.epochs):
-            for mb in torch.randperm(S * E).split(cfg.minibatch_size):
-                batch = [samples[i] for i in mb.tolist()]
-                token_logp, entropy, valid, value = score(agent, batch, cfg.temperature)
-                amask = torch.zeros_like(valid)
-                for b, s in enumerate(batch):
-                    amask[b, :len(s["answer"])] = s["action_mask"]
-                logp = answer_logprob(token_logp, amask, valid, cfg.thought_coef)
-                dev = logp.device
-                loss, pg, vl, st = ppo_loss(logp, old_logp[mb].to(dev), advantages[mb].to(dev), value,
-                                            returns[mb].to(dev), cfg.clip, cfg.vf_coef)
-                loss = loss - cfg.ent_coef * torch.where(amask & valid, entropy, 0.0).sum(-1).mean()
-                if not torch.isfinite(loss):  # NaN/inf in log-probs or values: stop before the step
-                    sys.exit(f"vlm_rl.py: error: non-finite loss in PPO update {update}; the last good "
-                             f"checkpoint (update {state['update']}) is kept in {cfg.out_dir}")
-                opt.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.max_grad_norm)
-                opt.step()
-                stats.append([pg.item(), vl.item(), st["approx_kl"], st["clip_frac"]])
-        pg, vl, kl, cf = np.mean(stats, 0)
-        row = {"update": update, "env_steps": update * S * E,
-               "train_success": np.mean(successes) if successes else float("nan"),
-               "invalid_rate": invalid / (S * E), "policy_loss": pg, "value_loss": vl,
-               "approx_kl": kl, "clip_frac": cf, "seconds": time.time() - t0}
-        log(row)
-        state["update"] = update
-        if update % cfg.save_every == 0 or update == updates:
-            save()
-        bar.set_postfix(success=f"{row['train_success']:.2f}", invalid=f"{row['invalid_rate']:.1%}",
-                        pg=f"{pg:.3f}", v=f"{vl:.3f}", kl=f"{kl:.3f}")
-
-
-# --- outputs: metrics.csv, curve.png, summary.json, the model ---
+# --- outputs: metrics.csv, curve.png, checkpoints, summary.json, the model ---
 def draw_curve(rows, sft_success, rl_success, path, window=10):
     """Training success (moving average over `window` updates) vs env steps, drawn with PIL."""
     W, H, L, B = 640, 400, 50, 40
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
+    d = ImageDraw.Draw(img := Image.new("RGB", (W, H), "white"))
     d.rectangle([L, 10, W - 10, H - B], outline="black")
     xmax = max([r["env_steps"] for r in rows] + [1])
     X = lambda s: L + (W - 10 - L) * s / xmax
@@ -632,12 +746,46 @@ def draw_curve(rows, sft_success, rl_success, path, window=10):
 
 
 def save_checkpoint(path, agent, opt, runner, state):
-    """Everything needed to go on: weights, optimizer, RNG states, environments, metrics so far.
-    Written to a temporary file, then renamed: a crash never leaves half a checkpoint."""
-    torch.save({**state, "agent": agent.state_dict(), "opt": opt.state_dict(),
-                "runner": (runner.envs, runner.obs, runner.rng),
-                "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state())}, path + ".tmp")
+    """What training changes: trained tensors (with LoRA: adapters and value head, never the frozen base), AdamW
+    state, RNG states, the games' states, metrics so far. Tensors in safetensors, the rest as JSON in its
+    metadata: loading it runs no code. Written to a temporary file, then renamed: never half a checkpoint."""
+    opt_state = opt.state_dict()
+    tensors = {f"param.{k}": p for k, p in agent.named_parameters() if p.requires_grad}
+    tensors.update({f"opt.{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors.update({"rng.cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+    meta = {**state, "opt_groups": opt_state["param_groups"], "runner_rng": runner.rng.getstate(),
+            "envs": [{**vars(e), "rng": e.rng.getstate()} for e in runner.envs],
+            "python_rng": random.getstate(), "numpy_rng": np.random.get_state(legacy=False)}
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path + ".tmp",
+              metadata={"state": json.dumps(meta, default=np.ndarray.tolist)})
     os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, agent, opt, runner):
+    """The inverse of save_checkpoint; returns the run's state (config, update, rows, evaluations)."""
+    as_state = lambda s: (s[0], tuple(s[1]), s[2])  # random.Random state, back from JSON lists
+    with safe_open(path, "pt") as f:
+        meta, t = json.loads(f.metadata()["state"]), {k: f.get_tensor(k) for k in f.keys()}
+    with torch.no_grad():
+        for k, p in agent.named_parameters():
+            if p.requires_grad:
+                p.copy_(t[f"param.{k}"])
+    opt_state = collections.defaultdict(dict)
+    for _, i, name in (k.split(".", 2) for k in t if k.startswith("opt.")):
+        opt_state[int(i)][name] = t[f"opt.{i}.{name}"]
+    opt.load_state_dict({"state": dict(opt_state), "param_groups": meta.pop("opt_groups")})
+    for e, s in zip(runner.envs, meta.pop("envs")):
+        e.rng.setstate(as_state(s.pop("rng")))
+        vars(e).update(s)
+    runner.obs = [e.render() for e in runner.envs]
+    runner.rng.setstate(as_state(meta.pop("runner_rng")))
+    random.setstate(as_state(meta.pop("python_rng")))
+    np.random.set_state(meta.pop("numpy_rng"))
+    torch.set_rng_state(t["rng.torch"])
+    if "rng.cuda" in t and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["rng.cuda"])
+    return meta
 
 
 def main(argv=None):
@@ -645,70 +793,59 @@ def main(argv=None):
     t_start = time.time()
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "metrics.csv"), "a"):
-            pass
+        open(os.path.join(cfg.out_dir, "metrics.csv"), "a").close()
     except OSError as e:
         sys.exit(f"vlm_rl.py: error: cannot write to --out-dir {cfg.out_dir!r}: {e.strerror}")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    env_cls = ENVS[cfg.env]
-    agent = load_agent(cfg, env_cls)
+    for seed in (random.seed, np.random.seed, torch.manual_seed):
+        seed(cfg.seed)
+    agent = load_agent(cfg, env_cls := ENVS[cfg.env])
     print(f"model: {cfg.model or 'built-in tiny Llava'} ({sum(p.numel() for p in agent.parameters()) / 1e6:.2f}M "
-          f"parameters), env: {cfg.env}, device: {cfg.device}")
-    eval_seed = 10 ** 6 + cfg.seed  # the same evaluation episodes before and after RL
+          f"parameters), env: {cfg.env}, device: {cfg.device}, dtype: {cfg.dtype}")
+    opt = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
+    runner = Runner(agent, env_cls, cfg.num_envs, cfg.seed * 1009, cfg)
+    path = os.path.join(cfg.out_dir, "checkpoint.safetensors")
     if ckpt is None:
         if cfg.sft_steps:
             sft(agent, env_cls, cfg)
-        sft_success, sft_invalid = evaluate(agent, env_cls, cfg, cfg.eval_episodes, eval_seed)
-        state = {"config": dataclasses.asdict(cfg), "update": 0, "rows": [], "sft": (sft_success, sft_invalid)}
+        state = {"config": dataclasses.asdict(cfg), "update": 0, "rows": [],
+                 "sft_eval": evaluations(agent, env_cls, cfg, "after SFT") if cfg.total_steps else None}
     else:
-        agent.load_state_dict(ckpt["agent"])
-        state = {k: ckpt[k] for k in ("config", "update", "rows", "sft")}
-        sft_success, sft_invalid = state["sft"]
+        state = load_checkpoint(path, agent, opt, runner)
+        state["config"] = dataclasses.asdict(cfg)
         print(f"resuming {cfg.out_dir} after PPO update {state['update']}")
-    print(f"after SFT: success {sft_success:.3f}, invalid {sft_invalid:.1%} ({cfg.eval_episodes} episodes)")
-    opt = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
-    runner = Runner(agent, env_cls, cfg.num_envs, cfg.seed * 1009, cfg)
-    if ckpt is not None:
-        opt.load_state_dict(ckpt["opt"])
-        runner.envs, runner.obs, runner.rng = ckpt["runner"]
-        random.setstate(ckpt["rng"][0])
-        np.random.set_state(ckpt["rng"][1])
-        torch.set_rng_state(ckpt["rng"][2])
-        del ckpt
     rows = state["rows"]
-    path = os.path.join(cfg.out_dir, "checkpoint.pt")
     save = lambda: save_checkpoint(path, agent, opt, runner, state)
     if state["update"] == 0 and cfg.total_steps:
         save()  # the SFT'd agent: a crash during RL never repeats SFT
-    columns = ["update", "env_steps", "train_success", "invalid_rate", "policy_loss", "value_loss", "approx_kl",
-               "clip_frac", "seconds"]
     with open(os.path.join(cfg.out_dir, "metrics.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)  # on resume: exactly the rows of the checkpoint, none twice
-
-        def log(row):
-            rows.append(row)
-            writer.writerow(row)
+        def write(row):
+            if f.tell() == 0:
+                csv.writer(f).writerow(row)  # the header: the first row's keys
+            csv.DictWriter(f, fieldnames=list(row)).writerow(row)
             f.flush()
-        train(agent, opt, runner, cfg, state, log, save)
-    rl_success, rl_invalid = (evaluate(agent, env_cls, cfg, cfg.eval_episodes, eval_seed) if rows
-                              else (sft_success, sft_invalid))
-    print(f"after RL: success {rl_success:.3f}, invalid {rl_invalid:.1%} ({cfg.eval_episodes} episodes)")
-    model_dir = os.path.join(cfg.out_dir, "model")
-    merge_lora(agent.vlm)  # the saved checkpoint is a plain model: --model loads it with transformers alone
+        for row in rows:  # on resume: exactly the rows of the checkpoint, none twice
+            write(row)
+        train(agent, opt, runner, cfg, state, lambda row: (rows.append(row), write(row)), save)
+    # The model that is saved is the one evaluated: LoRA merged, trained weights cast to --dtype.
+    merge_lora(agent.vlm)
+    cast(agent.vlm.parameters(), agent.dtype)
+    final = evaluations(agent, env_cls, cfg, "after RL" if rows else "evaluation")
+    before = state["sft_eval"] or final  # no RL: the saved model is the SFT model
+    model_dir = os.path.join(cfg.out_dir, "model")  # save_pretrained: loads with transformers alone
     agent.vlm.save_pretrained(model_dir)
     agent.processor.save_pretrained(model_dir)
-    torch.save(agent.value_head.state_dict(), os.path.join(model_dir, "value_head.pt"))
-    draw_curve(rows, sft_success, rl_success if rows else None, os.path.join(cfg.out_dir, "curve.png"))
-    summary = {"sft_success": sft_success, "rl_success": rl_success, "sft_invalid_rate": sft_invalid,
-               "invalid_rate": rl_invalid, "eval_episodes": cfg.eval_episodes,
+    save_file({k: v.contiguous() for k, v in agent.value_head.state_dict().items()},
+              os.path.join(model_dir, "value_head.safetensors"))
+    pick = lambda e, k: e and e["sampled"][k]
+    draw_curve(rows, pick(before, "success"), pick(final, "success") if rows else None,
+               os.path.join(cfg.out_dir, "curve.png"))
+    summary = {"sft_success": pick(before, "success"), "rl_success": pick(final, "success"),
+               "sft_invalid_rate": pick(before, "invalid_rate"), "invalid_rate": pick(final, "invalid_rate"),
+               "eval_episodes": cfg.eval_episodes, "eval": {"sft": before, "rl": final},
                "wall_seconds": round(time.time() - t_start, 1), "config": dataclasses.asdict(cfg)}
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "eval")}))
     return summary
 
 
