@@ -660,20 +660,19 @@ def evaluate(agent, env_cls, cfg, episodes, greedy=False):
         runner.temperature = 0.0 if greedy else cfg.temperature
         episode, ret, bad = list(range(n)), [0.0] * n, [False] * n  # per env: its episode, return, any invalid
         wins = paper = invalid = steps = 0
-        bar = tqdm(total=episodes, desc="eval greedy" if greedy else "eval", leave=False)
-        while active := [i for i in range(n) if episode[i] < episodes]:
-            step = runner.step(active)
-            steps, invalid = steps + len(active), invalid + sum(step.invalid)
-            for j, i in enumerate(active):
-                ret[i] += step.rewards[j]
-                bad[i] = bad[i] or step.invalid[j]
-                if step.dones[j]:
-                    wins += step.successes[j] and not bad[i]
-                    paper += ret[i] > 0
-                    # the runner has dealt env i the next seed: episodes are handed out in the order seen here
-                    episode[i], ret[i], bad[i] = max(episode) + 1, 0.0, False
-                    bar.update(1)
-        bar.close()
+        with tqdm(total=episodes, desc="eval greedy" if greedy else "eval", leave=False) as bar:
+            while active := [i for i in range(n) if episode[i] < episodes]:
+                step = runner.step(active)
+                steps, invalid = steps + len(active), invalid + sum(step.invalid)
+                for j, i in enumerate(active):
+                    ret[i] += step.rewards[j]
+                    bad[i] = bad[i] or step.invalid[j]
+                    if step.dones[j]:
+                        wins += step.successes[j] and not bad[i]
+                        paper += ret[i] > 0
+                        # the runner has dealt env i the next seed: episodes are handed out in the order seen here
+                        episode[i], ret[i], bad[i] = max(episode) + 1, 0.0, False
+                        bar.update(1)
     p = wins / episodes
     return {"success": p, "se": (p * (1 - p) / episodes) ** 0.5, "paper_success": paper / episodes,
             "invalid_rate": invalid / max(steps, 1), "episodes": episodes}
@@ -695,8 +694,7 @@ def sft(agent, env_cls, cfg):
     env_list = [env_cls() for _ in range(cfg.sft_batch)]
     obs = [e.reset(seed=cfg.seed * 7919 + i)[0] for i, e in enumerate(env_list)]
     text = prompt_text(agent.processor, build_prompt(env_list[0], not cfg.no_cot))
-    rng = random.Random(cfg.seed)
-    noise = env_cls.default_noise if cfg.demo_noise < 0 else cfg.demo_noise
+    rng, noise = random.Random(cfg.seed), env_cls.default_noise if cfg.demo_noise < 0 else cfg.demo_noise
     opt = torch.optim.AdamW([p for p in agent.vlm.parameters() if p.requires_grad], lr=cfg.sft_lr)
     agent.train()
     for step in (bar := tqdm(range(cfg.sft_steps), desc="sft")):
