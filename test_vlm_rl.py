@@ -677,7 +677,7 @@ def test_ppo_learns_a_bandit_from_chance(tmp_path, monkeypatch):
     monkeypatch.setitem(vlm_rl.PRESETS, "arrow", {})
     s = tiny_main(tmp_path, "--env", "arrow", "--no-cot", "--sft-steps", "100", "--total-steps", "1024",
                   "--num-envs", "64", "--num-steps", "2", "--minibatch-size", "32", "--eval-episodes", "400")
-    assert s["config"]["lr"] == 5e-5  # the default: no learning rate was given
+    assert s["config"]["lr"] == 2e-5  # the default: no learning rate was given
     assert 0.35 < s["sft_success"] < 0.65 and s["sft_invalid_rate"] < 0.05, s["eval"]["sft"]
     assert s["rl_success"] >= 0.9, s["eval"]["rl"]  # after 8 updates
 
@@ -770,6 +770,14 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     r = run_cli("--resume", str(run), timeout=120)
     assert r.returncode != 0 and "not a vlm_rl checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("model_type", ["mllama", "florence2"])
+def test_unsupported_families_are_refused_at_load_with_the_reason(model_type, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    r = run_cli("--model", str(tmp_path), "--out-dir", str(tmp_path / "out"), timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and f"{model_type} models are not supported" in lines[0], r.stderr
 
 
 def test_degenerate_sizes_run(tmp_path):

@@ -33,7 +33,7 @@ Simplifications and differences from the paper's code (all deliberate):
      state) stays float32 and matmuls run under autocast. LoRA is merged in float32.
 
 Commands (README.md has more):
-  python vlm_rl.py --env numberline          # tiny model, CPU, about 5 minutes
+  python vlm_rl.py --env numberline          # tiny model, CPU, about 7 minutes
   python vlm_rl.py --env numberline --model llava-hf/llava-v1.6-mistral-7b-hf --device cuda \
       --dtype bfloat16 --gradient-checkpointing --lora-rank 64 --num-envs 8 --micro-batch 4 --lr 1e-5
   python vlm_rl.py --resume runs/numberline-s1   # continue a run from its last checkpoint
@@ -81,7 +81,7 @@ class Config:
     no_cot: bool = False           # action-only prompt (the paper's "no CoT" ablation)
     temperature: float = 0.5       # sampling temperature (paper: 0.2 for a 7B model)
     max_new_tokens: int = 0        # 0 = 48 for the tiny model, 256 with --model (a 7B model's CoT)
-    lr: float = 0.0                # PPO learning rate; 0 = 5e-5 (full) or 1e-4 (LoRA) (paper: 1e-5, 7B LoRA)
+    lr: float = 0.0                # PPO learning rate; 0 = 2e-5 (full) or 1e-4 (LoRA) (paper: 1e-5, 7B LoRA)
     gamma: float = 0.9             # paper values for gamma, GAE lambda, clip, epochs
     gae_lambda: float = 0.95
     clip: float = 0.1
@@ -109,7 +109,7 @@ PRESETS = {  # tuned for the tiny model on a 2-core CPU
     # Blackjack's reward is noisy: bigger batches, fewer epochs, a smaller step; gamma 1 because the
     # objective is the undiscounted outcome of a hand (0.9 would make every hit look worse)
     "blackjack": dict(total_steps=20480, sft_steps=1000, eval_episodes=5000, num_envs=128, minibatch_size=128,
-                      epochs=2, gamma=1.0, temperature=0.3),
+                      epochs=2, lr=5e-5, gamma=1.0, temperature=0.3),
 }
 RESUME_MUST_MATCH = ("env", "model", "num_envs", "num_steps", "lora_rank")
 
@@ -164,7 +164,7 @@ def parse_config(argv=None):
         if bad:
             p.error(msg)
     cfg.minibatch_size = min(cfg.minibatch_size, batch)  # a preset's minibatch never exceeds a small batch
-    cfg.lr = cfg.lr or (1e-4 if cfg.lora_rank else 5e-5)
+    cfg.lr = cfg.lr or (1e-4 if cfg.lora_rank else 2e-5)
     cfg.sft_lr = cfg.sft_lr or (1e-3 if cfg.lora_rank else 3e-4)
     cfg.max_new_tokens = cfg.max_new_tokens or (256 if cfg.model else 48)
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.env}-s{cfg.seed}"
