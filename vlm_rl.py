@@ -658,7 +658,7 @@ def evaluate(agent, env_cls, cfg, episodes, greedy=False):
         torch.manual_seed(cfg.seed)
         runner = Runner(agent, env_cls, n, EVAL_SEED, cfg, fresh_seeds=True)
         runner.temperature = 0.0 if greedy else cfg.temperature
-        episode, ret, bad = list(range(n)), [0.0] * n, [False] * n  # per env: its episode, return, any invalid
+        episode, ret, bad, dealt = list(range(n)), [0.0] * n, [False] * n, n  # per env: episode, return, invalid
         wins = paper = invalid = steps = 0
         with tqdm(total=episodes, desc="eval greedy" if greedy else "eval", leave=False) as bar:
             while active := [i for i in range(n) if episode[i] < episodes]:
@@ -670,8 +670,8 @@ def evaluate(agent, env_cls, cfg, episodes, greedy=False):
                     if step.dones[j]:
                         wins += step.successes[j] and not bad[i]
                         paper += ret[i] > 0
-                        # the runner has dealt env i the next seed: episodes are handed out in the order seen here
-                        episode[i], ret[i], bad[i] = max(episode) + 1, 0.0, False
+                        # the runner has dealt env i the next seed, in this same order: that episode's number
+                        episode[i], dealt, ret[i], bad[i] = dealt, dealt + 1, 0.0, False
                         bar.update(1)
     p = wins / episodes
     return {"success": p, "se": (p * (1 - p) / episodes) ** 0.5, "paper_success": paper / episodes,
