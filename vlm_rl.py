@@ -25,7 +25,7 @@ Simplifications and differences from the paper's code (all deliberate):
      `--demo-noise`, so SFT gives format and perception, and RL must learn the decisions.
   3. Old log-probs and values come from a scoring pass right after sampling (no reference
      model, no KL penalty), as in the paper's code.
-  4. PPO differs from the paper's in: a constant learning rate (paper: cosine decay), AdamW
+  4. PPO differs from the paper's in: a constant or linearly annealed lr (paper: cosine decay), AdamW
      minibatches of --minibatch-size (paper: 1 sample x 128 accumulation steps), grad-norm clip
      1.0 (paper: 0.01), and time-limit truncation bootstraps from V(last state) (paper: a
      terminal zero). Hyperparameters are tuned for the tiny model per game (PRESETS).
@@ -82,6 +82,7 @@ class Config:
     temperature: float = 0.5       # sampling temperature (paper: 0.2 for a 7B model)
     max_new_tokens: int = 0        # 0 = 48 for the tiny model, 256 with --model (a 7B model's CoT)
     lr: float = 0.0                # PPO learning rate; 0 = 2e-5 (full) or 1e-4 (LoRA) (paper: 1e-5, 7B LoRA)
+    lr_anneal: float = 0.0         # the lr falls linearly by this fraction over the run (1 = to zero; 0 = constant)
     gamma: float = 0.9             # paper values for gamma, GAE lambda, clip, epochs
     gae_lambda: float = 0.95
     clip: float = 0.1
@@ -108,8 +109,9 @@ PRESETS = {  # tuned for the tiny model on a 2-core CPU
     "numberline": dict(total_steps=5120, sft_steps=400, eval_episodes=1000),
     # Blackjack's reward is noisy: bigger batches, fewer epochs, a smaller step; gamma 1 because the
     # objective is the undiscounted outcome of a hand (0.9 would make every hit look worse)
-    "blackjack": dict(total_steps=20480, sft_steps=1000, eval_episodes=5000, num_envs=128, minibatch_size=128,
-                      epochs=2, lr=5e-5, gamma=1.0, temperature=0.3),
+    # and the lr anneals to zero: the last updates fine-tune close decisions (hit or stand on 16 against a 10)
+    "blackjack": dict(total_steps=40960, sft_steps=1000, eval_episodes=5000, num_envs=128, minibatch_size=128,
+                      epochs=2, lr=5e-5, lr_anneal=1.0, gamma=1.0, temperature=0.3),
 }
 RESUME_MUST_MATCH = ("env", "model", "num_envs", "num_steps", "lora_rank")
 
@@ -146,7 +148,7 @@ def parse_config(argv=None):
     cfg = Config(**{**PRESETS[given.get("env", Config.env)], **given})
     batch, c = cfg.num_envs * cfg.num_steps, cfg
     for bad, msg in [
-            (not 0 <= c.thought_coef <= 1, "--thought-coef must be in [0, 1]"),
+            (not (0 <= c.thought_coef <= 1 and 0 <= c.lr_anneal <= 1), "--thought-coef and --lr-anneal must be in [0, 1]"),
             (not 0 < c.temperature <= 10, "--temperature must be in (0, 10]"),
             (not (0 <= c.lr < 1 and 0 <= c.sft_lr < 1), "learning rates must be in (0, 1)"),
             (min(c.num_envs, c.num_steps, c.minibatch_size, c.sft_batch, c.save_every, c.epochs) < 1,
@@ -583,6 +585,8 @@ def train(agent, opt, runner, cfg, state, log, save):
     bar = tqdm(range(state["update"] + 1, updates + 1), desc="ppo", initial=state["update"], total=updates)
     for update in bar:
         t0, seconds = time.time(), collections.Counter()
+        for g in opt.param_groups:  # linear annealing (CleanRL's anneal_lr), a function of the update: resumes alike
+            g["lr"] = cfg.lr * (1 - cfg.lr_anneal * (update - 1) / updates)
         agent.eval()
         rewards, dones, values, old_logp = (torch.zeros(S, E) for _ in range(4))
         samples, successes, invalid = [], [], 0
