@@ -4,7 +4,6 @@ NumberLine: step the current number toward the target.  Blackjack: Gymnasium Bla
 (infinite deck, dealer stands on soft 17, no natural bonus), with its exact optimal policy by DP.
 """
 import functools
-import itertools
 import random
 
 from PIL import Image, ImageDraw, ImageFont
@@ -38,8 +37,6 @@ class _Env:
 
     def demo(self, noise, rng, cot=True):
         """One-line JSON answer for the current state: reasoning fields (if cot), then the action."""
-        if not 0 <= noise <= 1:
-            raise ValueError(f"noise must be in [0, 1], got {noise}")
         action = self.correct_action()
         if rng.random() < noise:  # a deliberate mistake: any legal action but the correct one
             action = rng.choice([a for a in range(len(self.action_names)) if a != action])
@@ -151,22 +148,6 @@ def blackjack_optimal():
     Hard totals run 4..21 (2+2 is the lowest hand), soft totals 12..21 (A+A is the lowest)."""
     return {(t, s, up): _best(t, s, up)[1] for t in range(4, 22) for s in (False, True)
             if t >= 12 or not s for up in range(1, 11)}
-
-
-def blackjack_outcomes(policy):
-    """Exact (win, draw, loss) probabilities of playing `policy` (a dict as above) from a fresh deal."""
-    @functools.cache
-    def play(total, soft, up):
-        if total > 21:
-            return 0.0, 0.0, 1.0
-        if policy[(total, soft, up)] == 0:
-            return _stand(total, up)
-        nxt = [(p, play(*_add(total, soft, v), up)) for v, p in P_VALUE.items()]
-        return tuple(sum(p * r[i] for p, r in nxt) for i in range(3))
-
-    deals = [(pu * pa * pb, play(*_add(*_add(0, False, a), b), up))  # up card, two player cards
-             for (up, pu), (a, pa), (b, pb) in itertools.product(P_VALUE.items(), repeat=3)]
-    return tuple(sum(p * r[i] for p, r in deals) for i in range(3))
 
 
 # --- Blackjack env and its pictures (the bundled font has no suit glyphs: suits are tiny shapes)

@@ -5,7 +5,7 @@ import pytest
 
 from PIL import Image, ImageDraw
 
-from envs import Blackjack, NumberLine, _Env, blackjack_optimal, blackjack_outcomes, hand_value
+from envs import Blackjack, NumberLine, _Env, blackjack_optimal, hand_value
 
 
 def numberline(current, target):
@@ -121,9 +121,9 @@ def test_stand_comparison(player, dealer, reward):
 
 
 def test_dp_reference_values():
-    win, draw, loss = blackjack_outcomes(blackjack_optimal())
+    win, draw, loss = policy_map.blackjack_outcomes(blackjack_optimal())
     assert abs(win - 0.4295) < 1e-3 and abs(draw - 0.0945) < 1e-3 and abs(loss - 0.4760) < 1e-3
-    stand = blackjack_outcomes({k: 0 for k in blackjack_optimal()})
+    stand = policy_map.blackjack_outcomes({k: 0 for k in blackjack_optimal()})
     assert abs(stand[0] - 0.3807) < 1e-3
     policy = blackjack_optimal()
     assert policy[(20, False, 10)] == 0 and policy[(11, False, 10)] == 1 and policy[(12, True, 5)] == 1
@@ -140,7 +140,7 @@ def test_monte_carlo_matches_dp():
             if term:
                 wins += info["success"]
                 break
-    assert abs(wins / n - blackjack_outcomes(blackjack_optimal())[0]) < 0.015
+    assert abs(wins / n - policy_map.blackjack_outcomes(blackjack_optimal())[0]) < 0.015
 
 
 def test_blackjack_rendering():
@@ -715,6 +715,79 @@ def test_evaluate_plays_the_held_out_episodes_and_an_invalid_answer_loses(monkey
     monkeypatch.setattr(vlm_rl, "generate", lambda agent, inputs, *a: nonsense * len(inputs["input_ids"]))
     result = vlm_rl.evaluate(agent, NumberLine, cfg, 10)
     assert result["success"] == 0 and result["invalid_rate"] == 1  # random play would have won ~60%
+
+
+def test_render_draws_one_frame_per_step_of_the_first_k_episodes(tmp_path, monkeypatch):
+    agent, cfg = tiny_agent()
+    cfg = dataclasses.replace(cfg, num_envs=4, max_new_tokens=8, render=3)
+    plus = answers_from(agent, '{"action": "+"}')
+    monkeypatch.setattr(vlm_rl, "generate", lambda agent, inputs, *a: plus * len(inputs["input_ids"]))
+    drawn, real = [], vlm_rl.draw_frame
+    monkeypatch.setattr(vlm_rl, "draw_frame", lambda obs, answer, caption: drawn.append((answer, caption)) or
+                        real(obs, answer, caption))
+    gif = tmp_path / "episodes-rl.gif"
+    vlm_rl.evaluate(agent, NumberLine, cfg, 10, gif=str(gif))
+    lengths = []  # "+" at every step, by hand, on episodes EVAL_SEED + 0..2
+    for k in range(3):
+        env, n, done = NumberLine(), 0, False
+        env.reset(seed=vlm_rl.EVAL_SEED + k)
+        while not done:
+            *_, term, trunc, _ = env.step(1)
+            n, done = n + 1, term or trunc
+        lengths.append(n)
+    assert sum(lengths) > 3, "the hand-played episodes should not all be one step long"
+    steps = sorted(tuple(int(w.strip(",:")) for w in c.split()[1:4:2]) for _, c in drawn)  # (episode, step)
+    assert steps == [(k + 1, s + 1) for k in range(3) for s in range(lengths[k])]
+    assert {a for a, _ in drawn} == {'{"action": "+"}'}
+    with Image.open(gif) as im:
+        assert im.n_frames == sum(lengths) and im.size == (480, 400)
+        im.seek(0)
+        text_area = im.convert("L").crop((0, 214, 480, 400))
+        assert text_area.getextrema()[0] < 100, "the answer is drawn under the picture"
+    assert Image.open(tmp_path / "episodes-rl.png").size == (480, 400)
+
+
+def test_torchrun_two_cpu_ranks_average_gradients_and_write_once(tmp_path):
+    """2 gloo processes, two PPO updates: the trained tensors are identical on both ranks (and differ when the
+    gradients are not averaged: the ranks do see different episodes); one metrics.csv row per update counting
+    both ranks' env steps; one summary.json; --resume refuses another number of processes."""
+    from safetensors.torch import load_file
+    wrapper = tmp_path / "run.py"
+    wrapper.write_text(f"""import os, sys
+sys.path.insert(0, {HERE!r})
+import vlm_rl
+from safetensors.torch import save_file
+train = vlm_rl.train
+def spy(agent, opt, *args):
+    train(agent, opt, *args)
+    save_file({{k: p.detach().contiguous() for k, p in agent.named_parameters() if p.requires_grad}},
+              os.path.join(os.environ["OUT"], "rank%s.safetensors" % os.environ["RANK"]))
+vlm_rl.train = spy
+if os.environ.get("NO_AVERAGE"):
+    vlm_rl.average_gradients = lambda params: None
+vlm_rl.main(sys.argv[1:])
+""")
+    args = ["--env", "numberline", "--device", "cpu", "--sft-steps", "5", "--sft-batch", "4", "--total-steps", "64",
+            "--num-envs", "4", "--num-steps", "4", "--eval-episodes", "6", "--max-new-tokens", "32"]
+    trained = {}
+    for average in (True, False):
+        out = tmp_path / ("avg" if average else "no-avg")
+        out.mkdir()
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(wrapper), *args, "--out-dir", str(out)], capture_output=True, text=True, timeout=600,
+                           cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(out),
+                                          "HF_HUB_OFFLINE": "1", **({} if average else {"NO_AVERAGE": "1"})})
+        assert r.returncode == 0, r.stderr[-3000:]
+        a, b = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+        trained[average] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert trained == {True: True, False: False}
+    out = tmp_path / "avg"
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["env_steps"]) for r in rows] == [32, 64]  # 2 ranks x 4 envs x 4 steps per update
+    summary = json.load(open(out / "summary.json"))
+    assert summary["eval"]["rl"]["sampled"]["episodes"] == 6 and summary["rl_success"] is not None
+    r = run_cli("--resume", str(out))
+    assert r.returncode != 0 and "that run had 2 process(es), not 1" in r.stderr
 
 
 def test_bf16_trains_float32_masters_so_small_updates_survive():

@@ -1,42 +1,42 @@
 """
-vlm_rl: fine-tune a vision-language model (VLM) as a decision-making agent with PPO,
-after "Fine-Tuning Large Vision-Language Models as Decision-Making Agents via
-Reinforcement Learning" (Zhai et al., NeurIPS 2024, "RL4VLM").
+vlm_rl: fine-tune a vision-language model (VLM) as a decision-making agent with PPO, after "Fine-Tuning Large
+Vision-Language Models as Decision-Making Agents via Reinforcement Learning" (Zhai et al., NeurIPS 2024, "RL4VLM").
 
 The method, in the order the data flows through this file:
-  1. The agent sees an image of the game and a prompt: the task, the legal actions, and the
-     answer format, JSON with chain-of-thought (CoT) fields first and "action" last.
+  1. The agent sees an image of the game and a prompt: the task, the legal actions, and the answer format,
+     JSON with chain-of-thought (CoT) fields first and "action" last.
   2. The VLM samples an answer at temperature T; `parse_action` maps it to a legal action
      (unparseable, illegal or cut off -> a random legal action, flagged invalid, penalised).
   3. The answer's log-probability under the policy weighs the thoughts by lambda (paper: 0.5):
          log pi(answer) = lambda * sum log p(thought tokens) + sum log p(action tokens)
-     where the action part starts at the token that holds the start of `"action"`, found
-     from the decoded text, so it works with any tokenizer.
+     where the action part starts at the token that holds the start of `"action"`, found from the decoded
+     text, so it works with any tokenizer.
   4. A value head (MLP) reads the final hidden state of the last prompt token.
-  5. PPO at environment-step granularity: one whole answer is one action; GAE over env
-     steps; clipped surrogate + clipped value loss with normalised advantages.
+  5. PPO at environment-step granularity: one whole answer is one action; GAE over env steps; clipped
+     surrogate + clipped value loss with normalised advantages.
   Before RL, a supervised warm start (SFT) on CoT demonstrations teaches the format.
   Evaluation plays held-out episodes (seeds training never uses); an invalid answer loses.
 
 Simplifications and differences from the paper's code (all deliberate):
-  1. The default model is a tiny random-init Llava (CLIP + Llama) with a BPE tokenizer
-     trained offline on the game's own text, so everything runs on a CPU in minutes.
-  2. The SFT demonstrator reads the state right but picks a wrong action with probability
-     `--demo-noise`, so SFT gives format and perception, and RL must learn the decisions.
-  3. Old log-probs and values come from a scoring pass right after sampling (no reference
-     model, no KL penalty), as in the paper's code.
+  1. The default model is a tiny random-init Llava (CLIP + Llama) with a BPE tokenizer trained offline on the
+     game's own text, so everything runs on a CPU in minutes.
+  2. The SFT demonstrator reads the state right but picks a wrong action with probability `--demo-noise`,
+     so SFT gives format and perception, and RL must learn the decisions.
+  3. Old log-probs and values come from a scoring pass right after sampling (no reference model, no KL
+     penalty), as in the paper's code.
   4. PPO differs from the paper's in: a constant or linearly annealed lr (paper: cosine decay), AdamW
-     minibatches of --minibatch-size (paper: 1 sample x 128 accumulation steps), grad-norm clip
-     1.0 (paper: 0.01), and time-limit truncation bootstraps from V(last state) (paper: a
-     terminal zero). Hyperparameters are tuned for the tiny model per game (PRESETS).
-  5. With --dtype bfloat16 the frozen weights are bf16; everything trained (and its AdamW
-     state) stays float32 and matmuls run under autocast. LoRA is merged in float32.
+     minibatches of --minibatch-size (paper: 1 sample x 128 accumulation steps), grad-norm clip 1.0 (paper:
+     0.01), and time-limit truncation bootstraps from V(last state) (paper: a terminal zero).
+     Hyperparameters are tuned for the tiny model per game (PRESETS).
+  5. With --dtype bfloat16 the frozen weights are bf16; everything trained (and its AdamW state) stays
+     float32 and matmuls run under autocast. LoRA is merged in float32.
 
 Commands (README.md has more):
-  python vlm_rl.py --env numberline          # tiny model, CPU, about 7 minutes
+  python vlm_rl.py --env numberline          # tiny model, CPU, about 5 minutes
   python vlm_rl.py --env numberline --model llava-hf/llava-v1.6-mistral-7b-hf --device cuda \
       --dtype bfloat16 --gradient-checkpointing --lora-rank 64 --num-envs 8 --micro-batch 4 --lr 1e-5
   python vlm_rl.py --resume runs/numberline-s1   # continue a run from its last checkpoint
+  torchrun --nproc_per_node 8 vlm_rl.py --env numberline --model ...   # data parallel: one process per GPU
 """
 import argparse
 import collections
@@ -48,12 +48,14 @@ import os
 import random
 import re
 import sys
+import textwrap
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -94,6 +96,7 @@ class Config:
     max_grad_norm: float = 1.0
     invalid_penalty: float = 1.0   # subtracted from the reward of an invalid answer
     eval_episodes: int = 0         # held-out episodes per evaluation (per-env preset when not given)
+    render: int = 0                # K > 0: the evaluations also write episodes-{sft,rl}.gif/.png of K episodes
     seed: int = 1
     save_every: int = 1            # checkpoint every N PPO updates
     resume: str = ""               # an --out-dir to continue from its checkpoint.safetensors
@@ -146,15 +149,17 @@ def parse_config(argv=None):
     if given.get("env", Config.env) not in ENVS:
         p.error(f"unknown env {given['env']!r}; choose from {sorted(ENVS)}")
     cfg = Config(**{**PRESETS[given.get("env", Config.env)], **given})
-    batch, c = cfg.num_envs * cfg.num_steps, cfg
+    batch, c, W = cfg.num_envs * cfg.num_steps, cfg, int(os.environ.get("WORLD_SIZE", 1))  # W: torchrun's processes
     for bad, msg in [
-            (not (0 <= c.thought_coef <= 1 and 0 <= c.lr_anneal <= 1), "--thought-coef and --lr-anneal must be in [0, 1]"),
+            (not (0 <= c.thought_coef <= 1 and 0 <= c.lr_anneal <= 1),
+             "--thought-coef and --lr-anneal must be in [0, 1]"),
             (not 0 < c.temperature <= 10, "--temperature must be in (0, 10]"),
             (not (0 <= c.lr < 1 and 0 <= c.sft_lr < 1), "learning rates must be in (0, 1)"),
             (min(c.num_envs, c.num_steps, c.minibatch_size, c.sft_batch, c.save_every, c.epochs) < 1,
              "--num-envs, --num-steps, --minibatch-size, --sft-batch, --save-every and --epochs must be >= 1"),
             (min(c.total_steps, c.sft_steps, c.eval_episodes, c.micro_batch, c.max_new_tokens) < 0, "negative count"),
-            (0 < c.total_steps < batch, f"--total-steps {c.total_steps} is below one PPO update ({batch}); 0 = no RL"),
+            (0 < c.total_steps < batch * W, f"--total-steps {c.total_steps} is below one PPO update ({batch * W} env "
+                                             "steps of all processes); 0 = no RL"),
             (given.get("minibatch_size", 0) > batch, f"--minibatch-size {c.minibatch_size} is larger than the batch "
                                                      f"of an update ({batch})"),
             (not 0 <= c.seed < 10 ** 5, "--seed must be in [0, 100000)"),  # training seeds stay below EVAL_SEED
@@ -171,6 +176,39 @@ def parse_config(argv=None):
     cfg.max_new_tokens = cfg.max_new_tokens or (256 if cfg.model else 48)
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.env}-s{cfg.seed}"
     return cfg, ckpt
+
+
+# --- data parallelism (as nanoGPT): inactive unless torchrun launched this process ---
+def init_distributed(cfg):
+    """(rank, world size) from torchrun's environment; NCCL with one GPU per local rank, gloo on the CPU."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(cfg.device)
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def world():
+    """(rank, number of processes): (0, 1) unless torchrun launched this one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather(x):
+    """[x of every rank], in rank order ([x] in a single process)."""
+    out = [x] * world()[1]
+    if dist.is_initialized():
+        dist.all_gather_object(out, x)
+    return out
+
+
+def average_gradients(params):
+    """Each gradient -> its mean over the ranks (with LoRA only the adapters travel)."""
+    for p in params if dist.is_initialized() else []:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
 
 
 # --- prompt: task, legal actions, answer format (CoT fields first, then the action) ---
@@ -194,12 +232,9 @@ ACTION_RE = re.compile(r'"action"\s*:\s*"([^"\n]{0,40})"')
 
 
 def parse_action(text, action_names):
-    """Return (action index or None if invalid, character offset where `"action"` starts).
-
-    The first `"action": "<value>"` in the text wins; the value must equal a legal action
-    name (case and surrounding spaces ignored). No match -> (None, len(text)): then every
-    token counts as a thought token. The text is never evaluated, only matched.
-    """
+    """Return (action index or None if invalid, character offset where `"action"` starts). The first
+    `"action": "<value>"` in the text wins; the value must equal a legal action name (case and surrounding spaces
+    ignored). No match -> (None, len(text)): every token is a thought token. The text is only matched, never run."""
     m = ACTION_RE.search(text[:4096])  # answers are short; bound the work on hostile text
     if m is None:
         return None, len(text)
@@ -410,14 +445,14 @@ Step = collections.namedtuple("Step", "samples rewards dones truncated successes
 
 class Runner:
     """Steps a list of environments with the agent; auto-resets finished episodes. Env i is first dealt
-    from seed + i, later deals from its own RNG; with fresh_seeds every deal takes the next seed in order."""
+    from seed + i * stride, later deals from its own RNG; with fresh_seeds every deal takes the next seed."""
 
-    def __init__(self, agent, env_cls, n, seed, cfg, fresh_seeds=False):
+    def __init__(self, agent, env_cls, n, seed, cfg, fresh_seeds=False, stride=1):
         self.agent, self.cfg, self.temperature = agent, cfg, cfg.temperature
-        self.seeds, self.fresh, self.rng = itertools.count(seed), fresh_seeds, random.Random(seed)
+        self.seeds, self.fresh, self.rng = itertools.count(seed, stride), fresh_seeds, random.Random(seed)
         self.envs = [env_cls() for _ in range(n)]
         self.obs = [e.reset(seed=next(self.seeds))[0] for e in self.envs]
-        self.text = prompt_text(agent.processor, build_prompt(self.envs[0], not cfg.no_cot))
+        self.text = prompt_text(agent.processor, build_prompt(env_cls(), not cfg.no_cot))
 
     def step(self, idx=None):
         """Act in envs `idx` (default all): sample answers, parse them, step the games."""
@@ -464,10 +499,9 @@ def answer_logprob(token_logp, action_mask, valid, thought_coef):
     return torch.where(valid, token_logp * weight, 0.0).sum(-1)
 
 
-# Per-token processor outputs (besides input_ids and attention_mask) and the value generate() gives
-# them at sampled tokens (_update_model_kwargs_for_generation and model overrides of it). collate
-# extends them the same way: else scoring sees another model than sampling did. An output missing
-# here is a KeyError in collate: look up what generate() does with it, then add it.
+# Per-token processor outputs (besides input_ids, attention_mask) and the value generate() gives them at sampled
+# tokens (_update_model_kwargs_for_generation and model overrides), so that scoring sees what sampling saw. A
+# missing one is a KeyError in collate: look up what generate() does with it, then add it.
 ANSWER_TOKEN_FILL = {
     "mm_token_type_ids": 0,              # Qwen-VL: text (its 3-D RoPE positions are built from it)
     "token_type_ids": 0,                 # Gemma3: 0 = text, the value generate() repeats from the last prompt token
@@ -528,8 +562,7 @@ def score(agent, batch, temperature):
         out = agent.vlm(**inputs, logits_to_keep=M + 1, output_hidden_states=True)
         value = agent.value_head(out.hidden_states[-1][:, P - 1]).squeeze(-1).float()  # last prompt token
     logits = out.logits[:, :-1].float() / temperature  # [B, M, V] predicts answer tokens
-    if agent.suppress:
-        logits[..., agent.suppress] = float("-inf")
+    logits[..., agent.suppress] = float("-inf")  # never sampled either (an empty list: no-op)
     logp = torch.log_softmax(logits, -1)
     answers = inputs["input_ids"][:, P:]  # [B, M]
     token_logp = logp.gather(-1, answers.unsqueeze(-1)).squeeze(-1)
@@ -581,8 +614,9 @@ def ppo_loss(logp, old_logp, advantages, values, returns, clip, vf_coef, old_val
 # --- PPO: rollout -> GAE -> minibatch epochs ---
 def train(agent, opt, runner, cfg, state, log, save):
     """PPO updates from state["update"] + 1 on; `save` checkpoints after every `save_every`."""
-    S, E, updates = cfg.num_steps, cfg.num_envs, cfg.total_steps // (cfg.num_steps * cfg.num_envs)
-    bar = tqdm(range(state["update"] + 1, updates + 1), desc="ppo", initial=state["update"], total=updates)
+    (S, E), (r, W) = (cfg.num_steps, cfg.num_envs), world()  # W ranks, each with its own E envs
+    updates = cfg.total_steps // (S * E * W)
+    bar = tqdm(range(state["update"] + 1, updates + 1), desc="ppo", initial=state["update"], total=updates, disable=r)
     for update in bar:
         t0, seconds = time.time(), collections.Counter()
         for g in opt.param_groups:  # linear annealing (CleanRL's anneal_lr), a function of the update: resumes alike
@@ -635,12 +669,14 @@ def train(agent, opt, runner, cfg, state, log, save):
                                  f"checkpoint (update {state['update']}) is kept in {cfg.out_dir}")
                     (loss * len(part) / len(mb)).backward()
                     stats.append([pg.item(), vl.item(), ent.item(), st["approx_kl"], st["clip_frac"]])
+                average_gradients(opt.param_groups[0]["params"])
                 grad_norms.append(nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.max_grad_norm).item())
                 opt.step()
-        pg, vl, ent, kl, cf = np.mean(stats, 0)
-        row = {"update": update, "env_steps": update * S * E, "train_success": np.mean(successes or [np.nan]),
-               "invalid_rate": invalid / (S * E), "policy_loss": pg, "value_loss": vl, "entropy": ent,
-               "approx_kl": kl, "clip_frac": cf, "explained_var": explained_var, "grad_norm": np.mean(grad_norms),
+        succ, inv, st, ev = zip(*gather((successes, invalid, stats, explained_var)))  # one row for all ranks
+        pg, vl, ent, kl, cf = np.mean(sum(st, []), 0)
+        row = {"update": update, "env_steps": update * S * E * W, "train_success": np.mean(sum(succ, []) or [np.nan]),
+               "invalid_rate": sum(inv) / (S * E * W), "policy_loss": pg, "value_loss": vl, "entropy": ent,
+               "approx_kl": kl, "clip_frac": cf, "explained_var": np.mean(ev), "grad_norm": np.mean(grad_norms),
                **seconds, "ppo_seconds": time.time() - t3, "seconds": time.time() - t0}
         log(row)
         state["update"] = update
@@ -652,42 +688,67 @@ def train(agent, opt, runner, cfg, state, log, save):
 
 # --- evaluation: held-out episodes, an invalid answer loses ---
 @torch.no_grad()
-def evaluate(agent, env_cls, cfg, episodes, greedy=False):
+def evaluate(agent, env_cls, cfg, episodes, greedy=False, gif=""):
     """Episode k is dealt from seed EVAL_SEED + k: every evaluation of a run (after SFT or RL, sampled or greedy)
     plays the same deals, which training never sees. An episode with an invalid answer fails. Sampling uses a
-    forked RNG: training's streams are untouched. "paper_success": total reward > 0 (the paper's measure)."""
+    forked RNG: training's streams are untouched. "paper_success": total reward > 0 (the paper's measure).
+    Under torchrun rank r plays episodes r, r + W, r + 2W, ...; the counts are summed over the ranks.
+    With a `gif` path, rank 0's first cfg.render episodes are drawn there, a frame per step, and frame 1 as .png."""
     agent.eval()
+    r, W = world()
+    total, episodes = episodes, len(range(r, episodes, W))  # this rank's share
     n = min(2 * cfg.num_envs, episodes)  # no gradients to hold: a bigger batch fits
     with torch.random.fork_rng(devices=[agent.device] if agent.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        runner = Runner(agent, env_cls, n, EVAL_SEED, cfg, fresh_seeds=True)
+        torch.manual_seed(cfg.seed + 100003 * r)
+        runner = Runner(agent, env_cls, n, EVAL_SEED + r, cfg, fresh_seeds=True, stride=W)
         runner.temperature = 0.0 if greedy else cfg.temperature
         episode, ret, bad, dealt = list(range(n)), [0.0] * n, [False] * n, n  # per env: episode, return, invalid
-        wins = paper = invalid = steps = 0
-        with tqdm(total=episodes, desc="eval greedy" if greedy else "eval", leave=False) as bar:
+        wins, paper, invalid, steps, frames = 0, 0, 0, 0, collections.defaultdict(list)  # frames: per episode
+        with tqdm(total=episodes, desc="eval greedy" if greedy else "eval", leave=False, disable=r > 0) as bar:
             while active := [i for i in range(n) if episode[i] < episodes]:
-                step = runner.step(active)
+                shown, step = [runner.obs[i] for i in active], runner.step(active)
                 steps, invalid = steps + len(active), invalid + sum(step.invalid)
                 for j, i in enumerate(active):
                     ret[i] += step.rewards[j]
                     bad[i] = bad[i] or step.invalid[j]
+                    if gif and r == 0 and (k := episode[i]) < cfg.render:
+                        text = agent.tokenizer.decode(step.samples[j]["answer"], skip_special_tokens=True)
+                        frames[k].append(draw_frame(shown[j], text, f"episode {k + 1}, step {len(frames[k]) + 1}: "
+                                                    f"{'INVALID answer, a random action played; ' * step.invalid[j]}"
+                                                    f"reward {step.rewards[j]:+g}, return {ret[i]:+g}"))
                     if step.dones[j]:
                         wins += step.successes[j] and not bad[i]
                         paper += ret[i] > 0
                         # the runner has dealt env i the next seed, in this same order: that episode's number
                         episode[i], dealt, ret[i], bad[i] = dealt, dealt + 1, 0.0, False
                         bar.update(1)
-    p = wins / episodes
-    return {"success": p, "se": (p * (1 - p) / episodes) ** 0.5, "paper_success": paper / episodes,
-            "invalid_rate": invalid / max(steps, 1), "episodes": episodes}
+    if frames := [f for k in sorted(frames) for f in frames[k]]:
+        frames[0].save(gif, save_all=True, append_images=frames[1:], duration=1500, loop=0)
+        frames[0].save(gif[:-4] + ".png")
+    wins, paper, invalid, steps = map(sum, zip(*gather((wins, paper, invalid, steps))))
+    p = wins / total
+    return {"success": p, "se": (p * (1 - p) / total) ** 0.5, "paper_success": paper / total,
+            "invalid_rate": invalid / max(steps, 1), "episodes": total}
 
 
-def evaluations(agent, env_cls, cfg, when):
+def draw_frame(obs, answer, caption, width=480):
+    """A frame of the episode viewer: the game picture enlarged, the agent's answer wrapped, what happened."""
+    img = Image.new("RGB", (width, 400), "white")
+    img.paste(obs.resize((200, 200), Image.NEAREST), ((width - 200) // 2, 6))
+    lines = textwrap.wrap(answer, 62, max_lines=8, placeholder=" ...") or ["(an empty answer)"]
+    ImageDraw.Draw(img).multiline_text((8, 214), "\n".join(lines + [""] + textwrap.wrap(caption, 62)), fill="black",
+                                       font=ImageFont.load_default(size=13))
+    return img
+
+
+def evaluations(agent, env_cls, cfg, when, tag):
     """Held-out success, sampled at the training temperature and greedy, printed; None without episodes."""
     if not cfg.eval_episodes:
         return None
-    e = {mode: evaluate(agent, env_cls, cfg, cfg.eval_episodes, mode == "greedy") for mode in ("sampled", "greedy")}
-    print(f"{when}: success {e['sampled']['success']:.3f} (greedy {e['greedy']['success']:.3f}), "
+    gif = cfg.render and os.path.join(cfg.out_dir, f"episodes-{tag}.gif")  # the sampled evaluation's episodes
+    e = {mode: evaluate(agent, env_cls, cfg, cfg.eval_episodes, mode == "greedy", gif=mode == "sampled" and gif)
+         for mode in ("sampled", "greedy")}
+    world()[0] or print(f"{when}: success {e['sampled']['success']:.3f} (greedy {e['greedy']['success']:.3f}), "
           f"invalid {e['sampled']['invalid_rate']:.1%} ({cfg.eval_episodes} held-out episodes)")
     return e
 
@@ -695,13 +756,13 @@ def evaluations(agent, env_cls, cfg, when):
 # --- SFT warm start: cross-entropy on the demonstrator's answers ---
 def sft(agent, env_cls, cfg):
     """The demonstrator plays `sft_batch` envs; each step is one batch of (image, prompt, answer)."""
-    env_list = [env_cls() for _ in range(cfg.sft_batch)]
-    obs = [e.reset(seed=cfg.seed * 7919 + i)[0] for i, e in enumerate(env_list)]
+    env_list, r = [env_cls() for _ in range(cfg.sft_batch)], world()[0]  # under torchrun: rank r's own deals
+    obs = [e.reset(seed=cfg.seed * 7919 + r * cfg.sft_batch + i)[0] for i, e in enumerate(env_list)]
     text = prompt_text(agent.processor, build_prompt(env_list[0], not cfg.no_cot))
-    rng, noise = random.Random(cfg.seed), env_cls.default_noise if cfg.demo_noise < 0 else cfg.demo_noise
-    opt = torch.optim.AdamW([p for p in agent.vlm.parameters() if p.requires_grad], lr=cfg.sft_lr)
+    rng, noise = random.Random(cfg.seed + 100003 * r), env_cls.default_noise if cfg.demo_noise < 0 else cfg.demo_noise
+    opt = torch.optim.AdamW(params := [p for p in agent.vlm.parameters() if p.requires_grad], lr=cfg.sft_lr)
     agent.train()
-    for step in (bar := tqdm(range(cfg.sft_steps), desc="sft")):
+    for step in (bar := tqdm(range(cfg.sft_steps), desc="sft", disable=r > 0)):
         demos = [e.demo(noise, rng, cot=not cfg.no_cot) for e in env_list]
         inputs = encode_prompts(agent, obs, text)
         answers = [a + agent.stop_ids[:1] for a in agent.tokenizer(demos, add_special_tokens=False)["input_ids"]]
@@ -713,6 +774,7 @@ def sft(agent, env_cls, cfg):
             part = -token_logp[valid].sum() / tokens  # the mean is over every answer token of the batch
             part.backward()
             loss += part.item()
+        average_gradients(params)
         opt.step()
         bar.set_postfix(loss=f"{loss:.3f}")
         for j, e in enumerate(env_list):  # the demonstrator acts on its own answer
@@ -721,44 +783,42 @@ def sft(agent, env_cls, cfg):
 
 
 # --- outputs: metrics.csv, curve.png, checkpoints, summary.json, the model ---
-def draw_curve(rows, sft_success, rl_success, path, window=10):
-    """Training success (moving average over `window` updates) vs env steps, drawn with PIL."""
-    W, H, L, B = 640, 400, 50, 40
+def draw_curve(rows, sft_success, rl_success, path, window=10, W=640, H=400):
+    """Training success (moving average over `window` updates) vs env steps, and the evaluations, drawn with PIL."""
     d = ImageDraw.Draw(img := Image.new("RGB", (W, H), "white"))
-    d.rectangle([L, 10, W - 10, H - B], outline="black")
-    xmax = max([r["env_steps"] for r in rows] + [1])
-    X = lambda s: L + (W - 10 - L) * s / xmax
-    Y = lambda v: H - B - (H - B - 10) * v
+    X = lambda s: 50 + (W - 60) * s / max([r["env_steps"] for r in rows] + [1])
+    Y = lambda v: H - 40 - (H - 50) * v
+    d.rectangle([50, 10, W - 10, H - 40], outline="black")
     for v in (0, 0.25, 0.5, 0.75, 1.0):
-        d.line([L - 4, Y(v), L, Y(v)], fill="black")
         d.text((8, Y(v) - 6), f"{v:.2f}", fill="black")
-    d.text((L, H - B + 8), "0", fill="black")
-    d.text((W - 110, H - B + 8), f"{int(xmax)} env steps", fill="black")
+    d.text((W - 110, H - 32), f"{rows[-1]['env_steps'] if rows else 0} env steps", fill="black")
     for value, color, name, dy in ((sft_success, "gray", "SFT eval", 3), (rl_success, "green", "RL eval", -14)):
         if value is not None:  # labels: SFT below its line, RL above, so they never overlap
-            d.line([L, Y(value), W - 10, Y(value)], fill=color)
+            d.line([50, Y(value), W - 10, Y(value)], fill=color)
             d.text((W - 140, max(12, Y(value) + dy)), f"{name} {value:.3f}", fill=color)
     s = [r["train_success"] for r in rows]
-    pts = [(X(r["env_steps"]), Y(np.nanmean(s[max(0, i - window + 1):i + 1]))) for i, r in enumerate(rows)
-           if not np.all(np.isnan(s[max(0, i - window + 1):i + 1]))]
-    if len(pts) > 1:
-        d.line(pts, fill="blue", width=2)
-    d.text((L + 6, 14), "train success (blue, moving average)", fill="blue")
+    avg = [np.nanmean(s[max(0, i - window + 1):i + 1]) if not np.all(np.isnan(s[max(0, i - window + 1):i + 1]))
+           else None for i in range(len(s))]
+    d.line([(X(r["env_steps"]), Y(a)) for r, a in zip(rows, avg) if a is not None], fill="blue", width=2)
+    d.text((56, 14), "train success (blue, moving average)", fill="blue")
     img.save(path)
 
 
 def save_checkpoint(path, agent, opt, runner, state):
     """What training changes: trained tensors (with LoRA: adapters and value head, never the frozen base), AdamW
     state, RNG states, the games' states, metrics so far. Tensors in safetensors, the rest as JSON in its
-    metadata: loading it runs no code. Written to a temporary file, then renamed: never half a checkpoint."""
+    metadata: loading it runs no code. Written to a temporary file, then renamed: never half a checkpoint.
+    Under torchrun rank 0 writes it, with every rank's games and RNG states (the weights are the same)."""
+    cuda = agent.device.type == "cuda" and torch.cuda.get_rng_state().tolist()
+    ranks = gather({"envs": [{**vars(e), "rng": e.rng.getstate()} for e in runner.envs], "cuda_rng": cuda,
+                    "runner_rng": runner.rng.getstate(), "python_rng": random.getstate(),
+                    "numpy_rng": np.random.get_state(legacy=False), "torch_rng": torch.get_rng_state().tolist()})
+    if world()[0]:
+        return
     opt_state = opt.state_dict()
     tensors = {f"param.{k}": p for k, p in agent.named_parameters() if p.requires_grad}
     tensors.update({f"opt.{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items()})
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors.update({"rng.cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
-    meta = {**state, "opt_groups": opt_state["param_groups"], "runner_rng": runner.rng.getstate(),
-            "envs": [{**vars(e), "rng": e.rng.getstate()} for e in runner.envs],
-            "python_rng": random.getstate(), "numpy_rng": np.random.get_state(legacy=False)}
+    meta = {**state, "opt_groups": opt_state["param_groups"], "ranks": ranks}
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path + ".tmp",
               metadata={"state": json.dumps(meta, default=np.ndarray.tolist)})
     os.replace(path + ".tmp", path)
@@ -769,57 +829,60 @@ def load_checkpoint(path, agent, opt, runner):
     as_state = lambda s: (s[0], tuple(s[1]), s[2])  # random.Random state, back from JSON lists
     with safe_open(path, "pt") as f:
         meta, t = json.loads(f.metadata()["state"]), {k: f.get_tensor(k) for k in f.keys()}
-    with torch.no_grad():
-        for k, p in agent.named_parameters():
-            if p.requires_grad:
-                p.copy_(t[f"param.{k}"])
+    ranks, (r, W) = meta.pop("ranks"), world()
+    if len(ranks) != W:
+        sys.exit(f"vlm_rl.py: error: --resume: that run had {len(ranks)} process(es), not {W}")
+    mine = ranks[r]
+    agent.load_state_dict({k: t[f"param.{k}"] for k, p in agent.named_parameters() if p.requires_grad}, strict=False)
     opt_state = collections.defaultdict(dict)
     for _, i, name in (k.split(".", 2) for k in t if k.startswith("opt.")):
         opt_state[int(i)][name] = t[f"opt.{i}.{name}"]
     opt.load_state_dict({"state": dict(opt_state), "param_groups": meta.pop("opt_groups")})
-    for e, s in zip(runner.envs, meta.pop("envs")):
+    for e, s in zip(runner.envs, mine["envs"]):
         e.rng.setstate(as_state(s.pop("rng")))
         vars(e).update(s)
     runner.obs = [e.render() for e in runner.envs]
-    runner.rng.setstate(as_state(meta.pop("runner_rng")))
-    random.setstate(as_state(meta.pop("python_rng")))
-    np.random.set_state(meta.pop("numpy_rng"))
-    torch.set_rng_state(t["rng.torch"])
-    if "rng.cuda" in t and torch.cuda.is_available():
-        torch.cuda.set_rng_state(t["rng.cuda"])
+    runner.rng.setstate(as_state(mine["runner_rng"]))
+    random.setstate(as_state(mine["python_rng"]))
+    np.random.set_state(mine["numpy_rng"])
+    torch.set_rng_state(torch.tensor(mine["torch_rng"], dtype=torch.uint8))
+    if mine["cuda_rng"] and agent.device.type == "cuda":
+        torch.cuda.set_rng_state(torch.tensor(mine["cuda_rng"], dtype=torch.uint8))
     return meta
 
 
 def main(argv=None):
     cfg, ckpt = parse_config(argv)
-    t_start = time.time()
+    t_start, (r, world) = time.time(), init_distributed(cfg)
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         open(os.path.join(cfg.out_dir, "metrics.csv"), "a").close()
     except OSError as e:
         sys.exit(f"vlm_rl.py: error: cannot write to --out-dir {cfg.out_dir!r}: {e.strerror}")
     for seed in (random.seed, np.random.seed, torch.manual_seed):
-        seed(cfg.seed)
+        seed(cfg.seed + 100003 * r)  # under torchrun each rank samples its own episodes
     agent = load_agent(cfg, env_cls := ENVS[cfg.env])
-    print(f"model: {cfg.model or 'built-in tiny Llava'} ({sum(p.numel() for p in agent.parameters()) / 1e6:.2f}M "
-          f"parameters), env: {cfg.env}, device: {cfg.device}, dtype: {cfg.dtype}")
+    for p in agent.parameters() if world > 1 else []:  # ... from rank 0's weights (as DDP starts)
+        dist.broadcast(p.data, 0)
+    r or print(f"model: {cfg.model or 'built-in tiny Llava'} ({sum(p.numel() for p in agent.parameters()) / 1e6:.2f}"
+               f"M parameters), env: {cfg.env}, device: {cfg.device}, dtype: {cfg.dtype}")
     opt = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
-    runner = Runner(agent, env_cls, cfg.num_envs, cfg.seed * 1009, cfg)
+    runner = Runner(agent, env_cls, cfg.num_envs, cfg.seed * 1009 + r * cfg.num_envs, cfg)
     path = os.path.join(cfg.out_dir, "checkpoint.safetensors")
     if ckpt is None:
         if cfg.sft_steps:
             sft(agent, env_cls, cfg)
         state = {"config": dataclasses.asdict(cfg), "update": 0, "rows": [],
-                 "sft_eval": evaluations(agent, env_cls, cfg, "after SFT") if cfg.total_steps else None}
+                 "sft_eval": evaluations(agent, env_cls, cfg, "after SFT", "sft") if cfg.total_steps else None}
     else:
         state = load_checkpoint(path, agent, opt, runner)
         state["config"] = dataclasses.asdict(cfg)
-        print(f"resuming {cfg.out_dir} after PPO update {state['update']}")
+        r or print(f"resuming {cfg.out_dir} after PPO update {state['update']}")
     rows = state["rows"]
     save = lambda: save_checkpoint(path, agent, opt, runner, state)
     if state["update"] == 0 and cfg.total_steps:
         save()  # the SFT'd agent: a crash during RL never repeats SFT
-    with open(os.path.join(cfg.out_dir, "metrics.csv"), "w", newline="") as f:
+    with open(os.path.join(cfg.out_dir, "metrics.csv") if r == 0 else os.devnull, "w", newline="") as f:
         def write(row):
             if f.tell() == 0:
                 csv.writer(f).writerow(row)  # the header: the first row's keys
@@ -831,23 +894,25 @@ def main(argv=None):
     # The model that is saved is the one evaluated: LoRA merged, trained weights cast to --dtype.
     merge_lora(agent.vlm)
     cast(agent.vlm.parameters(), agent.dtype)
-    final = evaluations(agent, env_cls, cfg, "after RL" if rows else "evaluation")
+    final = evaluations(agent, env_cls, cfg, "after RL" if rows else "evaluation", "rl" if rows else "eval")
     before = state["sft_eval"] or final  # no RL: the saved model is the SFT model
-    model_dir = os.path.join(cfg.out_dir, "model")  # save_pretrained: loads with transformers alone
-    agent.vlm.save_pretrained(model_dir)
-    agent.processor.save_pretrained(model_dir)
-    save_file({k: v.contiguous() for k, v in agent.value_head.state_dict().items()},
-              os.path.join(model_dir, "value_head.safetensors"))
     pick = lambda e, k: e and e["sampled"][k]
-    draw_curve(rows, pick(before, "success"), pick(final, "success") if rows else None,
-               os.path.join(cfg.out_dir, "curve.png"))
     summary = {"sft_success": pick(before, "success"), "rl_success": pick(final, "success"),
                "sft_invalid_rate": pick(before, "invalid_rate"), "invalid_rate": pick(final, "invalid_rate"),
                "eval_episodes": cfg.eval_episodes, "eval": {"sft": before, "rl": final},
                "wall_seconds": round(time.time() - t_start, 1), "config": dataclasses.asdict(cfg)}
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "eval")}))
+    if r == 0:  # under torchrun every rank holds the same weights and figures: one writes them
+        model_dir = os.path.join(cfg.out_dir, "model")  # save_pretrained: loads with transformers alone
+        agent.vlm.save_pretrained(model_dir)
+        agent.processor.save_pretrained(model_dir)
+        save_file({k: v.contiguous() for k, v in agent.value_head.state_dict().items()},
+                  os.path.join(model_dir, "value_head.safetensors"))
+        draw_curve(rows, pick(before, "success"), pick(final, "success") if rows else None,
+                   os.path.join(cfg.out_dir, "curve.png"))
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "eval")}))
+    dist.is_initialized() and dist.destroy_process_group()
     return summary
 
 

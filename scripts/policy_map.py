@@ -7,12 +7,14 @@ The agent is asked in every state of `envs.blackjack_optimal()`: player total 4-
 12-21 with one, against each dealer up card A-10 (280 states). Each state is shown as `--hands` different
 concrete hands (random cards with that total; a 10-valued up card is any of 10 J Q K), rendered by
 `envs.Blackjack`; the state's action is the majority over the valid answers. Ties, and states whose every
-answer was invalid, count as "stand" in the table fed to the exact evaluation `envs.blackjack_outcomes`;
+answer was invalid, count as "stand" in the table fed to the exact evaluation `blackjack_outcomes`;
 invalid answers are counted and marked separately. The picture: two grids per policy (usable ace above,
 no usable ace below; player total upward, dealer card across), the learned table beside the optimum,
 cells where they differ framed in black, with the table's exact win rate in the title.
 """
 import argparse
+import functools
+import itertools
 import json
 import os
 import random
@@ -25,6 +27,23 @@ import envs  # noqa: E402
 
 STATES = sorted(envs.blackjack_optimal())  # (player total, usable ace, dealer up value 1..10)
 TENS = ["10", "J", "Q", "K"]
+
+
+def blackjack_outcomes(policy):
+    """Exact (win, draw, loss) probabilities of playing `policy` ({(total, soft, up): 0 stand / 1 hit}, the
+    states of envs.blackjack_optimal()) from a fresh deal, by the same dealer DP as the optimum."""
+    @functools.cache
+    def play(total, soft, up):
+        if total > 21:
+            return 0.0, 0.0, 1.0
+        if policy[(total, soft, up)] == 0:
+            return envs._stand(total, up)
+        nxt = [(p, play(*envs._add(total, soft, v), up)) for v, p in envs.P_VALUE.items()]
+        return tuple(sum(p * r[i] for p, r in nxt) for i in range(3))
+
+    deals = [(pu * pa * pb, play(*envs._add(*envs._add(0, False, a), b), up))  # up card, two player cards
+             for (up, pu), (a, pa), (b, pb) in itertools.product(envs.P_VALUE.items(), repeat=3)]
+    return tuple(sum(p * r[i] for p, r in deals) for i in range(3))
 
 
 def up_card(value, rng):
@@ -110,8 +129,8 @@ def policy_map(table, share=None, invalid=None, title="learned policy", note="",
     missing = set(opt) - set(table)
     if missing:
         raise ValueError(f"the table lacks {len(missing)} states, e.g. {sorted(missing)[0]}")
-    win, draw, loss = envs.blackjack_outcomes(table)
-    stats = {"win": win, "draw": draw, "loss": loss, "optimal_win": envs.blackjack_outcomes(opt)[0],
+    win, draw, loss = blackjack_outcomes(table)
+    stats = {"win": win, "draw": draw, "loss": loss, "optimal_win": blackjack_outcomes(opt)[0],
              "differ": sum(table[s] != opt[s] for s in opt)}
     f, fb, small = (ImageFont.load_default(size=n) for n in (13, 15, 11))
     left, gap, head = 34, 40, 20
