@@ -258,10 +258,10 @@ def torchrun_part(args):
     if gpus < 2 and not args.cpu_smoke:
         return f"(d) 2-rank torchrun: skipped ({gpus} GPU)"
     d = tempfile.mkdtemp(prefix="gpu_check_d_", dir=args.tmp_dir)
-    ranks, extra = ("1", ["--sft-steps", "2", "--total-steps", "16", "--max-new-tokens", "8", "--eval-episodes", "2"]) \
-        if args.cpu_smoke else ("2", ["--sft-steps", "30", "--total-steps", "256", "--eval-episodes", "8"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", ranks, "vlm_rl.py", "--env",
-           "numberline", "--num-envs", "4"] + extra
+    extra = ["--sft-steps", "2", "--total-steps", "32", "--max-new-tokens", "8", "--eval-episodes", "2", "--device",
+             "cpu"] if args.cpu_smoke else ["--sft-steps", "30", "--total-steps", "256", "--eval-episodes", "8"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "vlm_rl.py",
+           "--env", "numberline", "--num-envs", "4"] + extra
     try:
         t0 = time.time()
         p = subprocess.run(cmd + ["--out-dir", d], cwd=ROOT, capture_output=True, text=True, timeout=240)
