@@ -63,8 +63,7 @@ class NumberLine(_Env):
         self.current = min(5, max(0, self.current + (1 if action == 1 else -1)))  # edges block
         self.steps += 1
         after = abs(self.current - self.target)
-        terminated = after == 0
-        truncated = not terminated and self.steps >= self.max_steps
+        terminated, truncated = after == 0, after != 0 and self.steps >= self.max_steps
         reward = 1.0 if terminated else 0.0 if after < before else -1.0
         self.done = terminated or truncated
         return self.render(), reward, terminated, truncated, self.info(terminated)

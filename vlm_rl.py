@@ -166,8 +166,7 @@ def parse_config(argv=None):
             (c.demo_noise > 1, "--demo-noise must be <= 1"),
             (c.dtype not in ("float32", "bfloat16"), f"--dtype {c.dtype!r}: use float32 or bfloat16 (float16 would "
                                                      "need loss scaling)"),
-            (c.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {c.device} but CUDA is not "
-                                                                             "available")]:
+            (c.device.startswith("cuda") and not torch.cuda.is_available(), "--device cuda: CUDA is not available")]:
         if bad:
             p.error(msg)
     cfg.minibatch_size = min(cfg.minibatch_size, batch)  # a preset's minibatch never exceeds a small batch
