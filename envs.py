@@ -37,6 +37,8 @@ class _Env:
 
     def demo(self, noise, rng, cot=True):
         """One-line JSON answer for the current state: reasoning fields (if cot), then the action."""
+        if not 0 <= noise <= 1:
+            raise ValueError(f"noise must be in [0, 1], got {noise}")
         action = self.correct_action()
         if rng.random() < noise:  # a deliberate mistake: any legal action but the correct one
             action = rng.choice([a for a in range(len(self.action_names)) if a != action])
