@@ -32,7 +32,7 @@ Simplifications and differences from the paper's code (all deliberate):
      float32 and matmuls run under autocast. LoRA is merged in float32.
 
 Commands (README.md has more):
-  python vlm_rl.py --env numberline          # tiny model, CPU, about 5 minutes
+  python vlm_rl.py --env numberline          # tiny model, CPU, about 10 minutes
   python vlm_rl.py --env numberline --model llava-hf/llava-v1.6-mistral-7b-hf --device cuda \
       --dtype bfloat16 --gradient-checkpointing --lora-rank 64 --num-envs 8 --micro-batch 4 --lr 1e-5
   python vlm_rl.py --resume runs/numberline-s1   # continue a run from its last checkpoint
