@@ -186,7 +186,7 @@ def init_distributed(cfg):
         cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(cfg.device)
     dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    return world()
 
 
 def world():
@@ -852,7 +852,7 @@ def load_checkpoint(path, agent, opt, runner):
 
 def main(argv=None):
     cfg, ckpt = parse_config(argv)
-    t_start, (r, world) = time.time(), init_distributed(cfg)
+    t_start, (r, W) = time.time(), init_distributed(cfg)
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         open(os.path.join(cfg.out_dir, "metrics.csv"), "a").close()
@@ -861,7 +861,7 @@ def main(argv=None):
     for seed in (random.seed, np.random.seed, torch.manual_seed):
         seed(cfg.seed + 100003 * r)  # under torchrun each rank samples its own episodes
     agent = load_agent(cfg, env_cls := ENVS[cfg.env])
-    for p in agent.parameters() if world > 1 else []:  # ... from rank 0's weights (as DDP starts)
+    for p in agent.parameters() if W > 1 else []:  # ... from rank 0's weights (as DDP starts)
         dist.broadcast(p.data, 0)
     r or print(f"model: {cfg.model or 'built-in tiny Llava'} ({sum(p.numel() for p in agent.parameters()) / 1e6:.2f}"
                f"M parameters), env: {cfg.env}, device: {cfg.device}, dtype: {cfg.dtype}")
