@@ -39,6 +39,7 @@ Commands (README.md has more):
   torchrun --nproc_per_node 8 vlm_rl.py --env numberline --model ...   # data parallel: one process per GPU
 """
 import argparse
+import bisect
 import collections
 import csv
 import dataclasses
@@ -62,9 +63,8 @@ from tqdm import tqdm
 
 import envs
 
-ENVS = {"numberline": envs.NumberLine, "blackjack": envs.Blackjack}
+ENVS = {cls.name: cls for cls in (envs.NumberLine, envs.Blackjack, envs.EZPoints, envs.Points24)}
 EVAL_SEED = 10 ** 9  # held-out evaluation episode k is dealt from seed EVAL_SEED + k; training seeds stay below
-
 
 # --- config: one dataclass, turned into argparse flags ---
 @dataclasses.dataclass
@@ -102,22 +102,21 @@ class Config:
     resume: str = ""               # an --out-dir to continue from its checkpoint.safetensors
     out_dir: str = ""              # default runs/<env>-s<seed>
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "float32"         # float32 | bfloat16: the dtype of frozen weights and of matmuls
+    dtype: str = "float32"         # float32 | bfloat16 (of frozen weights and matmuls; float16 would need loss scaling)
     lora_rank: int = 0             # > 0: LoRA on every linear layer but lm_head (trained in full on the tiny model)
     lora_alpha: float = 16.0
     gradient_checkpointing: bool = False
 
-
 PRESETS = {  # tuned for the tiny model on a 2-core CPU
     "numberline": dict(total_steps=5120, sft_steps=400, eval_episodes=1000),
-    # Blackjack's reward is noisy: bigger batches, fewer epochs, a smaller step; gamma 1 because the
-    # objective is the undiscounted outcome of a hand (0.9 would make every hit look worse)
-    # and the lr anneals to zero: the last updates fine-tune close decisions (hit or stand on 16 against a 10)
+    # Blackjack's reward is noisy: bigger batches, fewer epochs, a smaller step; gamma 1: the objective is the
+    # outcome of a hand (0.9 would make every hit look worse); the lr anneals to zero to settle close calls (16 vs 10)
     "blackjack": dict(total_steps=40960, sft_steps=1000, eval_episodes=5000, num_envs=128, minibatch_size=128,
                       epochs=2, lr=5e-5, lr_anneal=1.0, gamma=1.0, temperature=0.3),
+    "ezpoints": dict(total_steps=10240, sft_steps=600, eval_episodes=1000),
+    "points24": dict(total_steps=10240, sft_steps=800, eval_episodes=500),
 }
 RESUME_MUST_MATCH = ("env", "model", "num_envs", "num_steps", "lora_rank")
-
 
 def parse_config(argv=None):
     p = argparse.ArgumentParser(description="PPO fine-tuning of a VLM agent (RL4VLM).")
@@ -151,21 +150,17 @@ def parse_config(argv=None):
     cfg = Config(**{**PRESETS[given.get("env", Config.env)], **given})
     batch, c, W = cfg.num_envs * cfg.num_steps, cfg, int(os.environ.get("WORLD_SIZE", 1))  # W: torchrun's processes
     for bad, msg in [
-            (not (0 <= c.thought_coef <= 1 and 0 <= c.lr_anneal <= 1),
-             "--thought-coef and --lr-anneal must be in [0, 1]"),
+            (not (0 <= c.thought_coef <= 1 and 0 <= c.lr_anneal <= 1), "--thought-coef, --lr-anneal must be in [0, 1]"),
             (not 0 < c.temperature <= 10, "--temperature must be in (0, 10]"),
             (not (0 <= c.lr < 1 and 0 <= c.sft_lr < 1), "learning rates must be in (0, 1)"),
             (min(c.num_envs, c.num_steps, c.minibatch_size, c.sft_batch, c.save_every, c.epochs) < 1,
              "--num-envs, --num-steps, --minibatch-size, --sft-batch, --save-every and --epochs must be >= 1"),
             (min(c.total_steps, c.sft_steps, c.eval_episodes, c.micro_batch, c.max_new_tokens) < 0, "negative count"),
-            (0 < c.total_steps < batch * W, f"--total-steps {c.total_steps} is below one PPO update ({batch * W} env "
-                                             "steps of all processes); 0 = no RL"),
-            (given.get("minibatch_size", 0) > batch, f"--minibatch-size {c.minibatch_size} is larger than the batch "
-                                                     f"of an update ({batch})"),
+            (0 < c.total_steps < batch * W, f"--total-steps {c.total_steps} is below one PPO update ({batch * W})"),
+            (given.get("minibatch_size", 0) > batch, f"--minibatch-size {c.minibatch_size} is larger than {batch}"),
             (not 0 <= c.seed < 10 ** 5, "--seed must be in [0, 100000)"),  # training seeds stay below EVAL_SEED
             (c.demo_noise > 1, "--demo-noise must be <= 1"),
-            (c.dtype not in ("float32", "bfloat16"), f"--dtype {c.dtype!r}: use float32 or bfloat16 (float16 would "
-                                                     "need loss scaling)"),
+            (c.dtype not in ("float32", "bfloat16"), f"--dtype {c.dtype!r}: use float32 or bfloat16"),
             (c.device.startswith("cuda") and not torch.cuda.is_available(), "--device cuda: CUDA is not available")]:
         if bad:
             p.error(msg)
@@ -175,7 +170,6 @@ def parse_config(argv=None):
     cfg.max_new_tokens = cfg.max_new_tokens or (256 if cfg.model else 48)
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.env}-s{cfg.seed}"
     return cfg, ckpt
-
 
 # --- data parallelism (as nanoGPT): inactive unless torchrun launched this process ---
 def init_distributed(cfg):
@@ -188,19 +182,15 @@ def init_distributed(cfg):
     dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     return world()
 
-
 def world():
     """(rank, number of processes): (0, 1) unless torchrun launched this one."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-
 def gather(x):
     """[x of every rank], in rank order ([x] in a single process)."""
     out = [x] * world()[1]
-    if dist.is_initialized():
-        dist.all_gather_object(out, x)
+    dist.is_initialized() and dist.all_gather_object(out, x)
     return out
-
 
 def average_gradients(params):
     """Each gradient -> its mean over the ranks (with LoRA only the adapters travel)."""
@@ -209,14 +199,12 @@ def average_gradients(params):
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
 
-
 # --- prompt: task, legal actions, answer format (CoT fields first, then the action) ---
 def build_prompt(env, cot=True):
     actions = " or ".join(f'"{a}"' for a in env.action_names)
     fields = env.cot_fields + ", " if cot else ""
     return (f"{env.task} Legal actions: {actions}. Reply with JSON only: "
             f'{{{fields}"action": {actions}}}')
-
 
 def prompt_text(processor, prompt):
     """Wrap the prompt in the model's chat template (one image, one user turn) if it has one."""
@@ -225,10 +213,8 @@ def prompt_text(processor, prompt):
         return processor.apply_chat_template(msg, add_generation_prompt=True)
     return f"{processor.image_token}\n{prompt}\n"
 
-
 # --- parser: answer text -> legal action ---
 ACTION_RE = re.compile(r'"action"\s*:\s*"([^"\n]{0,40})"')
-
 
 def parse_action(text, action_names):
     """Return (action index or None if invalid, character offset where `"action"` starts). The first
@@ -240,7 +226,6 @@ def parse_action(text, action_names):
     value = m.group(1).strip().lower()
     names = [a.lower() for a in action_names]
     return (names.index(value) if value in names else None), m.start()
-
 
 # --- the built-in tiny VLM: a real Llava with a BPE tokenizer trained offline ---
 def build_tiny_model(env_cls, seed=0):
@@ -281,7 +266,6 @@ def build_tiny_model(env_cls, seed=0):
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config), processor
 
-
 class Agent(nn.Module):
     """The VLM policy plus a value head: an MLP on the last prompt token's final hidden state.
     `dtype` is the compute dtype (autocast); trained tensors are float32 whatever it is."""
@@ -301,13 +285,10 @@ class Agent(nn.Module):
         self.suppress = sorted(ids - {None})
         self.stop_ids = end_of_turn_ids(vlm, processor)
 
-    @property
-    def device(self):
-        return next(self.parameters()).device
+    device = property(lambda self: next(self.parameters()).device)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-
 
 def end_of_turn_ids(vlm, processor):
     """Every id that ends a reply, the one SFT teaches first: chat models have their own (Qwen <|im_end|>,
@@ -323,7 +304,6 @@ def end_of_turn_ids(vlm, processor):
     eos = vlm.generation_config.eos_token_id  # None, an id or a list of ids
     ids += (eos if isinstance(eos, list) else [eos]) + [tok.eos_token_id]
     return list(dict.fromkeys(i for i in ids if i is not None))
-
 
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) * B A x, with W frozen and B = 0 at the start (Hu et al. 2021).
@@ -344,7 +324,6 @@ class LoRALinear(nn.Module):
         w.data = (w.data.float() + self.scale * (self.B @ self.A).detach().float()).to(w.dtype)
         return self.base
 
-
 def add_lora(vlm, rank, alpha):
     """Adapters on every linear layer but lm_head (vision tower and projector included, as in the
     paper's code); all original weights frozen."""
@@ -355,17 +334,14 @@ def add_lora(vlm, rank, alpha):
             if isinstance(child, nn.Linear) and child is not head:
                 setattr(module, child_name, LoRALinear(child, rank, alpha))
 
-
 def merge_lora(vlm):
     for module in list(vlm.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(module, child_name, child.merged())
 
-
 UNSUPPORTED = {"mllama": "its 4-D cross-attention mask is not extended over answer tokens when scoring",
                "florence2": "encoder-decoder models are not scored (the answer log-prob assumes a decoder-only VLM)"}
-
 
 def load_agent(cfg, env_cls):
     """The VLM (frozen weights in --dtype), optional LoRA adapters, the value head; every trained
@@ -401,12 +377,10 @@ def load_agent(cfg, env_cls):
     cast([p for p in agent.parameters() if p.requires_grad], torch.float32)  # float32 masters of what trains
     return agent.to(cfg.device)
 
-
 def cast(params, dtype):
     """Parameters only: buffers such as RoPE frequencies keep the dtype the model gave them."""
     for p in params:
         p.data = p.data.to(dtype)
-
 
 # --- rollout: one batched generate call samples every environment's answer ---
 def encode_prompts(agent, images, text):
@@ -416,15 +390,12 @@ def encode_prompts(agent, images, text):
     return agent.processor(images=[[im] for im in images], text=texts, return_tensors="pt", padding=True,
                            padding_side="left", add_special_tokens=not (bos and texts[0].startswith(bos)))
 
-
 def sampling_kwargs(agent, temperature, max_new_tokens):
     """generate() settings that sample from exactly softmax(logits / T): no top-k (transformers' default
     is 50), no top-p, no repetition penalty. T = 0: greedy."""
-    sample = dict(temperature=temperature, top_k=0, top_p=1.0) if temperature else {}
-    return dict(do_sample=bool(temperature), **sample, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
-                suppress_tokens=agent.suppress or None, eos_token_id=agent.stop_ids,
-                pad_token_id=agent.tokenizer.pad_token_id)  # batched prompts need a pad token anyway
-
+    sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
+    return dict(**sample, repetition_penalty=1.0, max_new_tokens=max_new_tokens, suppress_tokens=agent.suppress or None,
+                eos_token_id=agent.stop_ids, pad_token_id=agent.tokenizer.pad_token_id)  # batches need a pad token
 
 @torch.no_grad()
 def generate(agent, inputs, temperature, max_new_tokens):
@@ -437,10 +408,8 @@ def generate(agent, inputs, temperature, max_new_tokens):
     lengths = torch.where(ends.any(1), ends.argmax(1) + 1, answers.shape[1])
     return [a[:n] for a, n in zip(answers, lengths.tolist())]
 
-
 # what one batched step of the environments returns, one entry per environment stepped
 Step = collections.namedtuple("Step", "samples rewards dones truncated successes invalid final_obs")
-
 
 class Runner:
     """Steps a list of environments with the agent; auto-resets finished episodes. Env i is first dealt
@@ -471,7 +440,6 @@ class Runner:
                         info["success"], invalid, final_obs))
         return Step(*map(list, zip(*out)))  # per env -> per field
 
-
 # --- log-probs: lambda-weighted answer log-prob, action split from the decoded text ---
 def action_token_mask(tokenizer, answer_ids, split_chars):
     """[B, M] bool: True for the action part, the token holding character `split_chars[b]` of the decoded answer
@@ -480,23 +448,17 @@ def action_token_mask(tokenizer, answer_ids, split_chars):
     M = max(len(a) for a in answer_ids)
     mask = torch.zeros(len(answer_ids), M, dtype=torch.bool)
     for b, (ids, split) in enumerate(zip(answer_ids, split_chars)):
-        ids, lo, hi = list(ids), 0, len(ids)
-        while lo < hi:  # the first k whose prefix ids[:k + 1] decodes past character `split`
-            mid = (lo + hi) // 2
-            if len(tokenizer.decode(ids[:mid + 1], skip_special_tokens=True)) > split:
-                hi = mid
-            else:
-                lo = mid + 1
-        mask[b, lo:len(ids)] = True
+        ids = list(ids)  # the first k whose prefix ids[:k + 1] decodes past character `split`:
+        first = bisect.bisect_left(range(len(ids)), True,
+                                   key=lambda k: len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True)) > split)
+        mask[b, first:len(ids)] = True
     return mask
-
 
 def answer_logprob(token_logp, action_mask, valid, thought_coef):
     """log pi = lambda * sum(thought token log-probs) + sum(action token log-probs).  [B, M] -> [B]
     torch.where (not a product) so that -inf at padded positions cannot turn into NaN."""
     weight = torch.where(action_mask, 1.0, thought_coef)
     return torch.where(valid, token_logp * weight, 0.0).sum(-1)
-
 
 # Per-token processor outputs (besides input_ids, attention_mask) and the value generate() gives them at sampled
 # tokens (_update_model_kwargs_for_generation and model overrides), so that scoring sees what sampling saw. A
@@ -506,7 +468,6 @@ ANSWER_TOKEN_FILL = {
     "token_type_ids": 0,                 # Gemma3: 0 = text, the value generate() repeats from the last prompt token
     ("paligemma", "token_type_ids"): 1,  # PaliGemma: causal suffix; 0 would join the bidirectional prefix
 }
-
 
 def prompt_sample(inputs, j):
     """Row j of a processor's prompt batch, on the CPU: what a stored sample keeps. "prompt": the
@@ -524,7 +485,6 @@ def prompt_sample(inputs, j):
         else:
             sample["extra"][k] = v[j:j + 1].cpu()
     return sample
-
 
 def collate(agent, batch, device):
     """Join left-padded prompts with right-padded answers: input [B, P + M], answers [B, M].
@@ -548,9 +508,7 @@ def collate(agent, batch, device):
         inputs[k] = v.to(agent.dtype) if v.is_floating_point() else v
     return inputs, P
 
-
 Scored = collections.namedtuple("Scored", "token_logp entropy valid value")  # [B, M] x 3, [B]
-
 
 def score(agent, batch, temperature):
     """One forward pass over prompt + answer: token log-probs under softmax(logits / T), their entropies, the
@@ -568,13 +526,11 @@ def score(agent, batch, temperature):
     entropy = -(logp.exp() * logp.masked_fill(logp.isinf(), 0)).sum(-1)  # suppressed ids: 0, not NaN
     return Scored(token_logp, entropy, inputs["attention_mask"][:, P:].bool(), value)
 
-
 @torch.no_grad()
 def value_of(agent, images, text):
     """V(s) of observations [B]: a stand-in one-token answer; only the value is read."""
     inputs, end = encode_prompts(agent, images, text), torch.tensor(agent.stop_ids[:1])
     return score(agent, [{**prompt_sample(inputs, j), "answer": end} for j in range(len(images))], 1.0).value.cpu()
-
 
 # --- GAE over env steps (names follow CleanRL's ppo.py) ---
 def gae(rewards, values, dones, next_value, gamma, gae_lambda):
@@ -589,9 +545,7 @@ def gae(rewards, values, dones, next_value, gamma, gae_lambda):
         advantages[t] = lastgaelam
     return advantages, advantages + values
 
-
 PPOLoss = collections.namedtuple("PPOLoss", "loss pg_loss v_loss stats")
-
 
 def ppo_loss(logp, old_logp, advantages, values, returns, clip, vf_coef, old_values=None, value_clip=0.0):
     """Clipped surrogate (Schulman et al. 2017) + value loss, on whole answers. With value_clip,
@@ -608,7 +562,6 @@ def ppo_loss(logp, old_logp, advantages, values, returns, clip, vf_coef, old_val
         stats = {"approx_kl": ((ratio - 1) - logratio).mean().item(),
                  "clip_frac": ((ratio - 1).abs() > clip).float().mean().item()}
     return PPOLoss(pg_loss + vf_coef * v_loss, pg_loss, v_loss, stats)
-
 
 # --- PPO: rollout -> GAE -> minibatch epochs ---
 def train(agent, opt, runner, cfg, state, log, save):
@@ -630,7 +583,7 @@ def train(agent, opt, runner, cfg, state, log, save):
             amask = action_token_mask(agent.tokenizer, [s["answer"] for s in step.samples],
                                       [s["split"] for s in step.samples])
             for s, m in zip(step.samples, amask):
-                s["action_mask"] = m[:len(s["answer"])]
+                s["action_mask"] = m[:len(s["answer"])]  # [M_b]: stored with the sample for the epochs
             old_logp[t] = answer_logprob(token_logp, amask.to(valid.device), valid, cfg.thought_coef).cpu()
             values[t] = value.cpu()
             rewards[t], dones[t] = torch.tensor(step.rewards), torch.tensor(step.dones, dtype=torch.float)
@@ -655,9 +608,7 @@ def train(agent, opt, runner, cfg, state, log, save):
                 for part in mb.split(cfg.micro_batch or len(mb)):  # gradient accumulation over micro-batches
                     batch = [samples[i] for i in part.tolist()]
                     token_logp, entropy, valid, value = score(agent, batch, cfg.temperature)
-                    amask = torch.zeros_like(valid)
-                    for b, s in enumerate(batch):
-                        amask[b, :len(s["answer"])] = s["action_mask"]
+                    amask = nn.utils.rnn.pad_sequence([s["action_mask"] for s in batch], True).to(valid.device)
                     logp = answer_logprob(token_logp, amask, valid, cfg.thought_coef)
                     loss, pg, vl, st = ppo_loss(logp, old_logp[part], advantages[part], value, returns[part], cfg.clip,
                                                 cfg.vf_coef, old_values[part], cfg.value_clip)
@@ -684,15 +635,13 @@ def train(agent, opt, runner, cfg, state, log, save):
         bar.set_postfix(success=f"{row['train_success']:.2f}", invalid=f"{row['invalid_rate']:.1%}",
                         pg=f"{pg:.3f}", v=f"{vl:.3f}", kl=f"{kl:.3f}")
 
-
 # --- evaluation: held-out episodes, an invalid answer loses ---
 @torch.no_grad()
 def evaluate(agent, env_cls, cfg, episodes, greedy=False, gif=""):
-    """Episode k is dealt from seed EVAL_SEED + k: every evaluation of a run (after SFT or RL, sampled or greedy)
-    plays the same deals, which training never sees. An episode with an invalid answer fails. Sampling uses a
-    forked RNG: training's streams are untouched. "paper_success": total reward > 0 (the paper's measure).
-    Under torchrun rank r plays episodes r, r + W, r + 2W, ...; the counts are summed over the ranks.
-    With a `gif` path, rank 0's first cfg.render episodes are drawn there, a frame per step, and frame 1 as .png."""
+    """Episode k is dealt from seed EVAL_SEED + k: every evaluation of a run (after SFT or RL, sampled or greedy) plays
+    the same deals, which training never sees. An episode with an invalid answer fails. Sampling uses a forked RNG:
+    training's streams are untouched. "paper_success": total reward > 0 (the paper's measure). Under torchrun rank r
+    plays episodes r, r + W, ... (counts summed). `gif`: rank 0's first cfg.render episodes, a frame per step."""
     agent.eval()
     r, W = world()
     total, episodes = episodes, len(range(r, episodes, W))  # this rank's share
@@ -729,7 +678,6 @@ def evaluate(agent, env_cls, cfg, episodes, greedy=False, gif=""):
     return {"success": p, "se": (p * (1 - p) / total) ** 0.5, "paper_success": paper / total,
             "invalid_rate": invalid / max(steps, 1), "episodes": total}
 
-
 def draw_frame(obs, answer, caption, width=480):
     """A frame of the episode viewer: the game picture enlarged, the agent's answer wrapped, what happened."""
     img = Image.new("RGB", (width, 400), "white")
@@ -738,7 +686,6 @@ def draw_frame(obs, answer, caption, width=480):
     ImageDraw.Draw(img).multiline_text((8, 214), "\n".join(lines + [""] + textwrap.wrap(caption, 62)), fill="black",
                                        font=ImageFont.load_default(size=13))
     return img
-
 
 def evaluations(agent, env_cls, cfg, when, tag):
     """Held-out success, sampled at the training temperature and greedy, printed; None without episodes."""
@@ -750,7 +697,6 @@ def evaluations(agent, env_cls, cfg, when, tag):
     world()[0] or print(f"{when}: success {e['sampled']['success']:.3f} (greedy {e['greedy']['success']:.3f}), "
           f"invalid {e['sampled']['invalid_rate']:.1%} ({cfg.eval_episodes} held-out episodes)")
     return e
-
 
 # --- SFT warm start: cross-entropy on the demonstrator's answers ---
 def sft(agent, env_cls, cfg):
@@ -780,34 +726,11 @@ def sft(agent, env_cls, cfg):
             o, _, term, trunc, _ = e.step(parse_action(demos[j], e.action_names)[0])
             obs[j] = e.reset()[0] if term or trunc else o
 
-
-# --- outputs: metrics.csv, curve.png, checkpoints, summary.json, the model ---
-def draw_curve(rows, sft_success, rl_success, path, window=10, W=640, H=400):
-    """Training success (moving average over `window` updates) vs env steps, and the evaluations, drawn with PIL."""
-    d = ImageDraw.Draw(img := Image.new("RGB", (W, H), "white"))
-    X = lambda s: 50 + (W - 60) * s / max([r["env_steps"] for r in rows] + [1])
-    Y = lambda v: H - 40 - (H - 50) * v
-    d.rectangle([50, 10, W - 10, H - 40], outline="black")
-    for v in (0, 0.25, 0.5, 0.75, 1.0):
-        d.text((8, Y(v) - 6), f"{v:.2f}", fill="black")
-    d.text((W - 110, H - 32), f"{rows[-1]['env_steps'] if rows else 0} env steps", fill="black")
-    for value, color, name, dy in ((sft_success, "gray", "SFT eval", 3), (rl_success, "green", "RL eval", -14)):
-        if value is not None:  # labels: SFT below its line, RL above, so they never overlap
-            d.line([50, Y(value), W - 10, Y(value)], fill=color)
-            d.text((W - 140, max(12, Y(value) + dy)), f"{name} {value:.3f}", fill=color)
-    s = [r["train_success"] for r in rows]
-    avg = [np.nanmean(s[max(0, i - window + 1):i + 1]) if not np.all(np.isnan(s[max(0, i - window + 1):i + 1]))
-           else None for i in range(len(s))]
-    d.line([(X(r["env_steps"]), Y(a)) for r, a in zip(rows, avg) if a is not None], fill="blue", width=2)
-    d.text((56, 14), "train success (blue, moving average)", fill="blue")
-    img.save(path)
-
-
+# --- outputs: metrics.csv, checkpoints, summary.json, the model (scripts/curve.py draws metrics.csv) ---
 def save_checkpoint(path, agent, opt, runner, state):
-    """What training changes: trained tensors (with LoRA: adapters and value head, never the frozen base), AdamW
-    state, RNG states, the games' states, metrics so far. Tensors in safetensors, the rest as JSON in its
-    metadata: loading it runs no code. Written to a temporary file, then renamed: never half a checkpoint.
-    Under torchrun rank 0 writes it, with every rank's games and RNG states (the weights are the same)."""
+    """What training changes (trained tensors: with LoRA adapters and value head, never the frozen base; AdamW state,
+    RNG states, games, metrics) as safetensors + JSON metadata: loading it runs no code. Written to a temporary file,
+    then renamed: never half a checkpoint. Under torchrun rank 0 writes it, with every rank's games and RNG states."""
     cuda = agent.device.type == "cuda" and torch.cuda.get_rng_state().tolist()
     ranks = gather({"envs": [{**vars(e), "rng": e.rng.getstate()} for e in runner.envs], "cuda_rng": cuda,
                     "runner_rng": runner.rng.getstate(), "python_rng": random.getstate(),
@@ -821,7 +744,6 @@ def save_checkpoint(path, agent, opt, runner, state):
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path + ".tmp",
               metadata={"state": json.dumps(meta, default=np.ndarray.tolist)})
     os.replace(path + ".tmp", path)
-
 
 def load_checkpoint(path, agent, opt, runner):
     """The inverse of save_checkpoint; returns the run's state (config, update, rows, evaluations)."""
@@ -848,7 +770,6 @@ def load_checkpoint(path, agent, opt, runner):
     if mine["cuda_rng"] and agent.device.type == "cuda":
         torch.cuda.set_rng_state(torch.tensor(mine["cuda_rng"], dtype=torch.uint8))
     return meta
-
 
 def main(argv=None):
     cfg, ckpt = parse_config(argv)
@@ -877,8 +798,7 @@ def main(argv=None):
         state = load_checkpoint(path, agent, opt, runner)
         state["config"] = dataclasses.asdict(cfg)
         r or print(f"resuming {cfg.out_dir} after PPO update {state['update']}")
-    rows = state["rows"]
-    save = lambda: save_checkpoint(path, agent, opt, runner, state)
+    rows, save = state["rows"], lambda: save_checkpoint(path, agent, opt, runner, state)
     if state["update"] == 0 and cfg.total_steps:
         save()  # the SFT'd agent: a crash during RL never repeats SFT
     with open(os.path.join(cfg.out_dir, "metrics.csv") if r == 0 else os.devnull, "w", newline="") as f:
@@ -906,14 +826,11 @@ def main(argv=None):
         agent.processor.save_pretrained(model_dir)
         save_file({k: v.contiguous() for k, v in agent.value_head.state_dict().items()},
                   os.path.join(model_dir, "value_head.safetensors"))
-        draw_curve(rows, pick(before, "success"), pick(final, "success") if rows else None,
-                   os.path.join(cfg.out_dir, "curve.png"))
         with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "eval")}))
     dist.is_initialized() and dist.destroy_process_group()
     return summary
-
 
 if __name__ == "__main__":
     main()

@@ -5,12 +5,13 @@ inspected by hand (its command is the first line of its run.log). Groups, each o
   main         NumberLine and Blackjack, default flags: SFT only (the run's sft_* figures) vs SFT + RL
   cot          with and without chain of thought (--no-cot), both games; the CoT cells are main's runs
   lambda       NumberLine, --thought-coef 0, 0.1, 0.3, 0.5 (main's run), 0.7, 0.9, 1.0
+  cards        EZPoints and Points24, default flags: SFT only vs SFT + RL
   temperature  Blackjack, --temperature 0.2, 0.3 (the default: main's run), 1.0
 
 Commands:
   python scripts/reproduce.py                          # the full grid, 3 seeds: hours on 2 CPU cores
   python scripts/reproduce.py --only lambda --jobs 2   # one group, two runs at a time
-  python scripts/reproduce.py --quick                  # tiny budgets, 1 seed: 12 runs of ~10 s on 2 idle cores
+  python scripts/reproduce.py --quick                  # tiny budgets, 1 seed: 14 runs of ~10 s on 2 idle cores
 It is resumable: a run whose summary.json exists is skipped; a run with a checkpoint continues with
 `vlm_rl.py --resume DIR`; anything else starts over. So after a kill, the same command finishes the grid.
 --quick is a smoke test of the pipeline (CI, tests), not a measurement: its numbers are noise. Its
@@ -44,6 +45,7 @@ RUNS = {"main/numberline": NL, "main/blackjack": BJ,  # run key -> vlm_rl.py fla
         "cot/numberline-nocot": NL + ["--no-cot"], "cot/blackjack-nocot": BJ + ["--no-cot"],
         "temperature/blackjack-t0.2": BJ + ["--temperature", "0.2"],
         "temperature/blackjack-t1.0": BJ + ["--temperature", "1.0"],
+        "cards/ezpoints": ["--env", "ezpoints"], "cards/points24": ["--env", "points24"],
         **{f"lambda/numberline-l{v}": NL + ["--thought-coef", v] for v in LAMBDAS if v != "0.5"}}
 # group -> rows: (label, run key, "sft" or "rl" figures, the paper's number: LLaVA-1.6-7B, 15k env steps of RL)
 GROUPS = {
@@ -58,6 +60,10 @@ GROUPS = {
     "lambda": [(f"λ = {v}", "main/numberline" if v == "0.5" else f"lambda/numberline-l{v}", "rl",
                 {"0.3": "~85–89", "0.5": "~85–89", "0.1": "~22–30", "0.7": "~22–30", "0.9": "~22–30"}.get(v, "–"))
                for v in LAMBDAS],
+    "cards": [("EZPoints, SFT only", "cards/ezpoints", "sft", "23.0"),
+              ("EZPoints, SFT + RL", "cards/ezpoints", "rl", "50.0"),
+              ("Points24, SFT only", "cards/points24", "sft", "2.6"),
+              ("Points24, SFT + RL", "cards/points24", "rl", "2.3")],
     "temperature": [("T = 0.2", "temperature/blackjack-t0.2", "rl", "40.2 (the paper's T)"),
                     ("T = 0.3 (default)", "main/blackjack", "rl", "–"),
                     ("T = 1.0", "temperature/blackjack-t1.0", "rl", "–")],
@@ -65,6 +71,7 @@ GROUPS = {
 NOTES = {"main": "Paper: LLaVA-1.6-7B; SFT only vs SFT + RL.", "cot": "Paper: RL without CoT, 7B model.",
          "lambda": "Paper's λ figure (NumberLine): 0.3 and 0.5 reach ~85–89%, 0.1/0.7/0.9 stay at ~22–30%; "
                    "its authors recommend λ in [0.2, 0.5].",
+         "cards": "Paper: LLaVA-1.6-7B on its arithmetic card games; success = the formula is solved (total reward > 0).",
          "temperature": "The paper sampled at T = 0.2 (40.2% on Blackjack)."}
 
 
