@@ -3,8 +3,8 @@ sees each state only as a small RGB image; `demo` writes a noisy demonstrator's 
 number toward the target. Blackjack: Gymnasium Blackjack-v1 rules (infinite deck, dealer stands on soft 17, no natural
 bonus), with its exact optimal policy by DP. EZPoints / Points24: a formula worth 12 / 24 from the cards. Unlike the
 paper's code: an exact evaluator, not eval, so "2" "4" is not 24 and x / 0 is not well formed; a time limit of
-2 * (max length + 2) steps, 14 / 44, not 300; vlm_rl.py scores each answer under the picture it was sampled with
-(the paper's update re-scored every answer under the first picture, an empty formula)."""
+14 / 24 steps (the longest formula allowed and "=" take 7 / 22), not 300; vlm_rl.py scores each answer under the
+picture it was sampled with (the paper's update re-scored every answer under the first picture, an empty formula)."""
 import functools
 import itertools
 import random
@@ -252,7 +252,7 @@ def solutions(values, ops, target=None):
     return out
 
 class _Formula(_Env):  # state: `cards`, a list of (rank, suit), and `formula`, the tokens so far
-    image_size, default_noise = 112, 0.7  # as NumberLine's: the SFT agent starts low, as the paper's did (23%, 2.6%)
+    image_size, default_noise = 112, 0.7  # EZPoints: as NumberLine's, SFT starts low (the paper's SFT: 23%)
     cot_fields = '"cards": "their values", "formula": "the tokens so far", "thoughts": "next"'
     values = property(lambda self: [VALUE[rank] for rank, _ in self.cards])
 
@@ -306,8 +306,9 @@ class EZPoints(_Formula):
         return [(rank, self.rng.choice(SUITS)) for rank in self.rng.sample(ranks, 2)]
 
 class Points24(_Formula):
-    name, target, ops, max_len, max_steps, action_names = "points24", 24, "+-*/", 20, 44, NUMBERS + list("+-*/()=")
+    name, target, ops, max_len, max_steps, action_names = "points24", 24, "+-*/", 20, 24, NUMBERS + list("+-*/()=")
     task = 'Build a formula worth 24 from the 4 cards, each used once (J, Q, K are 10), token by token; "=" ends it.'
+    default_noise = 0.3  # up to 12 steps to a solution: at 0.7 the demonstrator would hardly ever show a whole one
 
     def _cards(self):  # nothing guarantees a solution: about 73% of deals have one
         return [(self.rng.choice(RANKS), self.rng.choice(SUITS)) for _ in range(4)]

@@ -1293,7 +1293,7 @@ def test_formula_over_the_length_limit_ends_at_minus_one():
 
 
 def test_time_limit_truncates_and_success_needs_a_positive_total():
-    for cls, ranks, limit in ((EZPoints, ("2", "10"), 14), (Points24, ("A", "2", "3", "4"), 44)):
+    for cls, ranks, limit in ((EZPoints, ("2", "10"), 14), (Points24, ("A", "2", "3", "4"), 24)):
         env = deal(cls, *ranks)
         steps = play(env, " ".join(["5"] * limit))
         assert [s[0] for s in steps] == [-1.0] * limit and env.max_steps == limit
