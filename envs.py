@@ -61,8 +61,9 @@ class NumberLine(_Env):
             self.current = self.rng.randint(0, 5)
 
     def step(self, action):
+        action = self._check(action)  # first: a bad action changes nothing
         before, self.steps = abs(self.current - self.target), self.steps + 1
-        self.current = min(5, max(0, self.current + (1 if self._check(action) == 1 else -1)))  # edges block
+        self.current = min(5, max(0, self.current + (1 if action == 1 else -1)))  # edges block
         after = abs(self.current - self.target)
         terminated, truncated = after == 0, after != 0 and self.steps >= self.max_steps
         reward = 1.0 if terminated else 0.0 if after < before else -1.0
@@ -204,8 +205,7 @@ class Blackjack(_Env):
         return 0 if total > 21 else blackjack_optimal()[(total, soft, VALUE[self.dealer[0][0]])]
 
     def cot_values(self):
-        total, soft = hand_value(self.player)
-        cards = " ".join(r for r, _ in self.player)
+        (total, soft), cards = hand_value(self.player), " ".join(r for r, _ in self.player)
         return [("thoughts", f"dealer {self.dealer[0][0]}, me {cards} = {'soft ' * soft}{total}")]
 
     def render(self):
