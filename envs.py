@@ -253,6 +253,7 @@ def solutions(values, ops, target=None):
 
 class _Formula(_Env):  # state: `cards`, a list of (rank, suit), and `formula`, the tokens so far
     image_size, default_noise = 112, 0.7  # EZPoints: as NumberLine's, SFT starts low (the paper's SFT: 23%)
+    cards_at = (4, 24, 2)  # the first card's x, the stride, y
     cot_fields = '"cards": "their values", "formula": "the tokens so far", "thoughts": "next"'
     values = property(lambda self: [VALUE[rank] for rank, _ in self.cards])
 
@@ -287,7 +288,7 @@ class _Formula(_Env):  # state: `cards`, a list of (rank, suit), and `formula`, 
     def render(self):  # the cards, then the formula: a token per 14-px cell, the tiny model's patch, 8 a row
         draw = ImageDraw.Draw(img := Image.new("RGB", (self.image_size,) * 2, (0, 110, 50)))
         for i, card in enumerate(self.cards):
-            _draw_card(draw, 4 + 24 * i, 2, card)
+            _draw_card(draw, self.cards_at[0] + self.cards_at[1] * i, self.cards_at[2], card)
         draw.text((2, 31), "Formula:", fill="white", font=_font(10))
         for k, token in enumerate(self.formula):  # black on white, like the cards' ranks: legible to a tiny model
             x, y = 14 * (k % 8), 42 + 14 * (k // 8)
@@ -309,6 +310,7 @@ class Points24(_Formula):
     name, target, ops, max_len, max_steps, action_names = "points24", 24, "+-*/", 20, 24, NUMBERS + list("+-*/()=")
     task = 'Build a formula worth 24 from the 4 cards, each used once (J, Q, K are 10), token by token; "=" ends it.'
     default_noise = 0.3  # up to 12 steps to a solution: at 0.7 the demonstrator would hardly ever show a whole one
+    cards_at = (11, 28, 0)  # each rank centred in a 14-px patch: at (4, 24) SFT read only the first of the 4 cards
 
     def _cards(self):  # nothing guarantees a solution: about 73% of deals have one
         return [(self.rng.choice(RANKS), self.rng.choice(SUITS)) for _ in range(4)]

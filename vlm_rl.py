@@ -114,7 +114,7 @@ PRESETS = {  # tuned for the tiny model on a 2-core CPU
     "blackjack": dict(total_steps=40960, sft_steps=1000, eval_episodes=5000, num_envs=128, minibatch_size=128,
                       epochs=2, lr=5e-5, lr_anneal=1.0, gamma=1.0, temperature=0.3),
     "ezpoints": dict(total_steps=10240, sft_steps=600, eval_episodes=1000),
-    "points24": dict(total_steps=10240, sft_steps=800, eval_episodes=500),
+    "points24": dict(total_steps=10240, sft_steps=1000, eval_episodes=500),
 }
 RESUME_MUST_MATCH = ("env", "model", "num_envs", "num_steps", "lora_rank")
 
@@ -202,9 +202,8 @@ def average_gradients(params):
 # --- prompt: task, legal actions, answer format (CoT fields first, then the action) ---
 def build_prompt(env, cot=True):
     actions = " or ".join(f'"{a}"' for a in env.action_names)
-    fields = env.cot_fields + ", " if cot else ""
     return (f"{env.task} Legal actions: {actions}. Reply with JSON only: "
-            f'{{{fields}"action": {actions}}}')
+            f'{{{env.cot_fields + ", " if cot else ""}"action": {actions}}}')
 
 def prompt_text(processor, prompt):
     """Wrap the prompt in the model's chat template (one image, one user turn) if it has one."""
@@ -223,8 +222,7 @@ def parse_action(text, action_names):
     m = ACTION_RE.search(text[:4096])  # answers are short; bound the work on hostile text
     if m is None:
         return None, len(text)
-    value = m.group(1).strip().lower()
-    names = [a.lower() for a in action_names]
+    value, names = m.group(1).strip().lower(), [a.lower() for a in action_names]
     return (names.index(value) if value in names else None), m.start()
 
 # --- the built-in tiny VLM: a real Llava with a BPE tokenizer trained offline ---
