@@ -253,7 +253,7 @@ def solutions(values, ops, target=None):
 
 class _Formula(_Env):  # state: `cards`, a list of (rank, suit), and `formula`, the tokens so far
     image_size, default_noise = 112, 0.7  # EZPoints: as NumberLine's, SFT starts low (the paper's SFT: 23%)
-    cards_at = (4, 24, 2)  # the first card's x, the stride, y
+    cards_at, in_order = (4, 24, 2), False  # the first card's x, stride, y; in_order: plans keep the cards' order
     cot_fields = '"cards": "their values", "formula": "the tokens so far", "thoughts": "next"'
     values = property(lambda self: [VALUE[rank] for rank, _ in self.cards])
 
@@ -277,7 +277,8 @@ class _Formula(_Env):  # state: `cards`, a list of (rank, suit), and `formula`, 
 
     def correct_action(self):  # on along the shortest solution the formula begins; else "=" (it never repairs)
         n, found = len(self.formula), solutions(tuple(sorted(self.values)), self.ops, self.target)
-        plan = min((s for s in found.get(self.target, ()) if list(s[:n]) == self.formula), key=len, default=())
+        order = lambda s: (self.in_order and [int(t) for t in s if t in NUMBERS] != self.values, len(s))
+        plan = min((s for s in found.get(self.target, ()) if list(s[:n]) == self.formula), key=order, default=())
         return self.action_names.index(plan[n] if len(plan) > n else "=")
 
     def cot_values(self):
@@ -310,7 +311,7 @@ class Points24(_Formula):
     name, target, ops, max_len, max_steps, action_names = "points24", 24, "+-*/", 20, 24, NUMBERS + list("+-*/()=")
     task = 'Build a formula worth 24 from the 4 cards, each used once (J, Q, K are 10), token by token; "=" ends it.'
     default_noise = 0.3  # up to 12 steps to a solution: at 0.7 the demonstrator would hardly ever show a whole one
-    cards_at = (11, 28, 0)  # each rank centred in a 14-px patch: at (4, 24) SFT read only the first of the 4 cards
+    cards_at, in_order = (11, 28, 0), True  # ranks centred in 14-px patches, learnable plans (README.md: why)
 
     def _cards(self):  # nothing guarantees a solution: about 73% of deals have one
         return [(self.rng.choice(RANKS), self.rng.choice(SUITS)) for _ in range(4)]

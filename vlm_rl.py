@@ -165,8 +165,7 @@ def parse_config(argv=None):
         if bad:
             p.error(msg)
     cfg.minibatch_size = min(cfg.minibatch_size, batch)  # a preset's minibatch never exceeds a small batch
-    cfg.lr = cfg.lr or (1e-4 if cfg.lora_rank else 2e-5)
-    cfg.sft_lr = cfg.sft_lr or (1e-3 if cfg.lora_rank else 3e-4)
+    cfg.lr, cfg.sft_lr = cfg.lr or (1e-4 if cfg.lora_rank else 2e-5), cfg.sft_lr or (1e-3 if cfg.lora_rank else 3e-4)
     cfg.max_new_tokens = cfg.max_new_tokens or (256 if cfg.model else 48)
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.env}-s{cfg.seed}"
     return cfg, ckpt
