@@ -275,7 +275,7 @@ class _Formula(_Env):  # state: `cards`, a list of (rank, suit), and `formula`, 
     def info(self, success):  # success: total reward > 0, the paper's measure (only a solved episode gets there)
         return {"success": success, "cards": self.values, "formula": list(self.formula), "steps": self.steps}
 
-    def correct_action(self):  # on along the shortest solution the formula begins; else "=" (it never repairs)
+    def correct_action(self):  # on along the shortest solution the formula begins (in_order: ordered first), else "="
         n, found = len(self.formula), solutions(tuple(sorted(self.values)), self.ops, self.target)
         order = lambda s: (self.in_order and [int(t) for t in s if t in NUMBERS] != self.values, len(s))
         plan = min((s for s in found.get(self.target, ()) if list(s[:n]) == self.formula), key=order, default=())
