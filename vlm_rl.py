@@ -69,7 +69,7 @@ EVAL_SEED = 10 ** 9  # held-out evaluation episode k is dealt from seed EVAL_SEE
 # --- config: one dataclass, turned into argparse flags ---
 @dataclasses.dataclass
 class Config:
-    env: str = "numberline"        # numberline | blackjack
+    env: str = "numberline"        # numberline | blackjack | ezpoints | points24
     model: str = ""                # "" = the built-in tiny model; else a hub id or local path
     num_envs: int = 64             # environments stepped together (one generate call per step)
     num_steps: int = 4             # env steps per environment per PPO update
