@@ -279,6 +279,9 @@ class _Formula(_Env):  # state: `cards`, a list of (rank, suit), and `formula`, 
         n, found = len(self.formula), solutions(tuple(sorted(self.values)), self.ops, self.target)
         order = lambda s: (self.in_order and [int(t) for t in s if t in NUMBERS] != self.values, len(s))
         plan = min((s for s in found.get(self.target, ()) if list(s[:n]) == self.formula), key=order, default=())
+        if not plan and self.formula and self.in_order:  # a dead end (-1 whatever comes): end it, the cards in order
+            left = [v for k, v in enumerate(self.values) if self.values[:k + 1].count(v) > self.formula.count(str(v))]
+            plan = self.formula + ["+" if self.formula[-1] in NUMBERS + [")"] else str(v) for v in left[:1]]
         return self.action_names.index(plan[n] if len(plan) > n else "=")
 
     def cot_values(self):

@@ -1491,6 +1491,16 @@ def test_formula_demo_answers_and_thoughts():
     assert json.loads(env.demo(0, rng)) == {"cards": "2 10", "formula": "2 *", "thoughts": "stuck", "action": "="}
     env = deal(Points24, "A", "A", "A", "A")  # no solution: "=" at once, -1 is the best return
     assert json.loads(env.demo(0, rng))["thoughts"] == "stuck" and env.action_names[env.correct_action()] == "="
+    env = deal(Points24, "A", "A", "A", "A", formula="1 +")  # a dead end (Points24): it still ends the formula
+    while not env.done:
+        _, reward, *_ = env.step(env.correct_action())
+    assert env.formula == "1 + 1 + 1 + 1".split() and reward == -1.0
+    env = deal(Points24, "A", "K", "A", "A", formula="( 10 *")  # the unused cards in order, "+" between them
+    while not env.done:
+        _, reward, *_ = env.step(env.correct_action())
+    assert env.formula == "( 10 * 1 + 1 + 1".split() and reward == -1.0  # not well formed: -1, as "=" at once
+    env = deal(Points24, "A", "A", "A", "A", formula="1 + 1 + 1 + 1 *")  # every card used: "="
+    assert json.loads(env.demo(0, rng))["action"] == "="
     env = deal(Points24, "3", "3", "8", "8")
     assert json.loads(env.demo(0, rng))["action"] == "8"
     assert list(json.loads(env.demo(0, rng, cot=True))) == ["cards", "formula", "thoughts", "action"]
@@ -1606,3 +1616,15 @@ def test_sft_reads_the_cards_of_held_out_deals(env_cls):
     read = [re.search(r'"cards": "([^"]*)"', a) for a in answers]
     right = sum(m is not None and m.group(1) == " ".join(map(str, d.values)) for m, d in zip(read, deals))
     assert right >= 32, answers[:5]  # >= 80% of 40
+
+
+@pytest.mark.parametrize("cls", [EZPoints, Points24])
+def test_noisy_demonstrator_plays_whole_episodes(cls):
+    """Whatever state its own mistakes lead to (dead ends, every card used, a dangling operator), it answers."""
+    env, rng = cls(), random.Random(0)
+    env.render = lambda: None
+    for s in range(300):
+        env.reset(seed=s)
+        while not env.done:
+            env.step(env.action_names.index(json.loads(env.demo(0.5, rng))["action"]))
+        assert env.steps <= env.max_steps

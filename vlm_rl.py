@@ -123,10 +123,8 @@ def parse_config(argv=None):
     p.error = lambda msg: sys.exit(f"vlm_rl.py: error: {msg}")  # one line, no usage dump
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            p.add_argument(flag, action="store_true", default=None)
-        else:
-            p.add_argument(flag, type=f.type, default=None, help=f"default: {f.default}")
+        kind = dict(action="store_true") if f.type is bool else dict(type=f.type, help=f"default: {f.default}")
+        p.add_argument(flag, default=None, **kind)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     ckpt = None
     if given.get("resume"):  # continue a run: its own config, unless a flag overrides it
@@ -193,10 +191,9 @@ def gather(x):
 
 def average_gradients(params):
     """Each gradient -> its mean over the ranks (with LoRA only the adapters travel)."""
-    for p in params if dist.is_initialized() else []:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
+    for grad in [p.grad for p in params if p.grad is not None] if dist.is_initialized() else []:
+        dist.all_reduce(grad)
+        grad /= dist.get_world_size()
 
 # --- prompt: task, legal actions, answer format (CoT fields first, then the action) ---
 def build_prompt(env, cot=True):
