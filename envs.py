@@ -253,7 +253,7 @@ def solutions(values, ops, target=None):
 
 class _Formula(_Env):  # state: `cards`, a list of (rank, suit), and `formula`, the tokens so far
     image_size, default_noise = 112, 0.7  # EZPoints: as NumberLine's, SFT starts low (the paper's SFT: 23%)
-    cards_at, in_order = (4, 24, 2), False  # the first card's x, stride, y; in_order: plans keep the cards' order
+    cards_at, in_order = (4, 24, 2), False  # first card's x, stride, y; in_order: plans, dead ends keep card order
     cot_fields = '"cards": "their values", "formula": "the tokens so far", "thoughts": "next"'
     values = property(lambda self: [VALUE[rank] for rank, _ in self.cards])
 

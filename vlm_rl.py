@@ -114,7 +114,7 @@ PRESETS = {  # tuned for the tiny model on a 2-core CPU
     "blackjack": dict(total_steps=40960, sft_steps=1000, eval_episodes=5000, num_envs=128, minibatch_size=128,
                       epochs=2, lr=5e-5, lr_anneal=1.0, gamma=1.0, temperature=0.3),
     "ezpoints": dict(total_steps=10240, sft_steps=600, eval_episodes=1000),
-    "points24": dict(total_steps=20480, sft_steps=1000, eval_episodes=500, temperature=0.2),  # ~9 tokens to get right
+    "points24": dict(total_steps=20480, sft_steps=1000, eval_episodes=500, temperature=0.2),  # ~9 tokens, each sampled
 }
 RESUME_MUST_MATCH = ("env", "model", "num_envs", "num_steps", "lora_rank")
 
