@@ -2,9 +2,10 @@
 sees each state only as a small RGB image; `demo` writes a noisy demonstrator's answer. NumberLine: step the current
 number toward the target. Blackjack: Gymnasium Blackjack-v1 rules (infinite deck, dealer stands on soft 17, no natural
 bonus), with its exact optimal policy by DP. EZPoints / Points24: a formula worth 12 / 24 from the cards. Unlike the
-paper's code: an exact evaluator, not eval, so "2" "4" is not 24 and x / 0 is not well formed; a time limit of
-14 / 24 steps (the longest formula allowed and "=" take 7 / 22), not 300; vlm_rl.py scores each answer under the
-picture it was sampled with (the paper's update re-scored every answer under the first picture, an empty formula)."""
+paper's code: an exact evaluator, not eval ("2" "4" is not 24; x / 0 is not well formed); a time limit of 14 / 24 steps
+(the longest formula allowed and "=" take 7 / 22), not 300; vlm_rl.py scores each answer under the picture it was
+sampled with (the paper's update re-scored all under the first picture); on a Points24 deal without a solution the
+demonstrator writes the cards in order, "+" between, and "=" (-1, as "=" at once, which taught RL to give up)."""
 import functools
 import itertools
 import random
@@ -279,9 +280,9 @@ class _Formula(_Env):  # state: `cards`, a list of (rank, suit), and `formula`, 
         n, found = len(self.formula), solutions(tuple(sorted(self.values)), self.ops, self.target)
         order = lambda s: (self.in_order and [int(t) for t in s if t in NUMBERS] != self.values, len(s))
         plan = min((s for s in found.get(self.target, ()) if list(s[:n]) == self.formula), key=order, default=())
-        if not plan and self.formula and self.in_order:  # a dead end (-1 whatever comes): end it, the cards in order
+        if not plan and self.in_order:  # no solution left (-1 whatever comes): the unused cards in order, "+" between
             left = [v for k, v in enumerate(self.values) if self.values[:k + 1].count(v) > self.formula.count(str(v))]
-            plan = self.formula + ["+" if self.formula[-1] in NUMBERS + [")"] else str(v) for v in left[:1]]
+            plan = self.formula + ["+" if "".join(self.formula[-1:]) in NUMBERS + [")"] else str(v) for v in left[:1]]
         return self.action_names.index(plan[n] if len(plan) > n else "=")
 
     def cot_values(self):

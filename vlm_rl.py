@@ -114,7 +114,8 @@ PRESETS = {  # tuned for the tiny model on a 2-core CPU
     "blackjack": dict(total_steps=40960, sft_steps=1000, eval_episodes=5000, num_envs=128, minibatch_size=128,
                       epochs=2, lr=5e-5, lr_anneal=1.0, gamma=1.0, temperature=0.3),
     "ezpoints": dict(total_steps=10240, sft_steps=600, eval_episodes=1000),
-    "points24": dict(total_steps=20480, sft_steps=1000, eval_episodes=500, temperature=0.2),  # ~9 tokens, each sampled
+    # Points24 samples ~9 tokens an answer at T 0.2, so log-probs move 5x a logit: a smaller lr and 2 epochs (4: KL 2)
+    "points24": dict(total_steps=20480, sft_steps=1000, eval_episodes=500, temperature=0.2, epochs=2, lr=1e-5),
 }
 RESUME_MUST_MATCH = ("env", "model", "num_envs", "num_steps", "lora_rank")
 
@@ -270,9 +271,8 @@ class Agent(nn.Module):
         self.dtype = dtype or next(vlm.parameters()).dtype
         self.value_head = nn.Sequential(nn.Linear(vlm.config.get_text_config().hidden_size, 256), nn.Tanh(),
                                         nn.Linear(256, 1))
-        # Placeholder tokens (e.g. <image>) must never be sampled: the next forward pass would
-        # find more image tokens than images. They are masked the same way when scoring. The
-        # processor's name for one can differ from the model's (Gemma3: <start_of_image>): take both.
+        # Placeholder tokens (<image>) are never sampled (the next forward pass would find more image tokens than
+        # images) nor scored. The processor's name for one can differ from the model's (Gemma3): take both.
         ids = {getattr(vlm.config, f"{m}_token_{s}", None) for m in ("image", "video") for s in ("id", "index")}
         ids |= {self.tokenizer.convert_tokens_to_ids(getattr(processor, t)) for t in ("image_token", "video_token")
                 if getattr(processor, t, None)}
@@ -455,8 +455,7 @@ def answer_logprob(token_logp, action_mask, valid, thought_coef):
     return torch.where(valid, token_logp * weight, 0.0).sum(-1)
 
 # Per-token processor outputs (besides input_ids, attention_mask) and the value generate() gives them at sampled
-# tokens (_update_model_kwargs_for_generation and model overrides), so that scoring sees what sampling saw. A
-# missing one is a KeyError in collate: look up what generate() does with it, then add it.
+# tokens (_update_model_kwargs_for_generation), so that scoring sees what sampling saw; a missing one: collate fails.
 ANSWER_TOKEN_FILL = {
     "mm_token_type_ids": 0,              # Qwen-VL: text (its 3-D RoPE positions are built from it)
     "token_type_ids": 0,                 # Gemma3: 0 = text, the value generate() repeats from the last prompt token
@@ -590,7 +589,7 @@ def train(agent, opt, runner, cfg, state, log, save):
         advantages, returns = gae(rewards, values, dones, next_value, cfg.gamma, cfg.gae_lambda)
         flat = lambda x: x.flatten().to(agent.device)  # [S * E] from here on
         advantages, returns, old_logp, old_values = flat(advantages), flat(returns), flat(old_logp), flat(values)
-        explained_var = (1 - (returns - old_values).var() / returns.var()).item()
+        explained_var = (1 - (returns - old_values).var() / returns.var()).item() if returns.var() > 0 else np.nan
         if S * E > 1:  # one advantage has no spread to normalise by
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         t3 = time.time()
