@@ -383,7 +383,7 @@ def test_sampled_distribution_equals_scored_logprobs():
         assert torch.allclose(scores[..., keep], logits[..., keep] / T, atol=1e-5)  # softmax(logits / T) exactly
         answers = out.sequences[:, inputs["input_ids"].shape[1]:]
         gen_logp = torch.log_softmax(scores, -1).gather(-1, answers[..., None])[..., 0]
-        batch = [{**vlm_rl.prompt_sample(inputs, j), "answer": answers[j]} for j in range(3)]
+        batch = [vlm_rl.prompt_sample(inputs, j, answers[j]) for j in range(3)]
         with torch.no_grad():
             token_logp, _, valid, value = vlm_rl.score(agent, batch, T)
             # the same samples, padded differently (another batch): identical log-probs
@@ -443,7 +443,7 @@ def test_end_to_end_writes_outputs_and_is_reproducible(env, tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--env", "chess"], "unknown env 'chess'"),
+    (["--env", "chess"], "invalid choice: 'chess'"),
     (["--thought-coef", "1.5"], "--thought-coef"),
     (["--thought-coef", "-0.1"], "--thought-coef"),
     (["--temperature", "0"], "--temperature"),
@@ -555,7 +555,7 @@ def one_ppo_step(agent, lr=1e-2):
     text = vlm_rl.prompt_text(agent.processor, vlm_rl.build_prompt(env))
     inputs = vlm_rl.encode_prompts(agent, images, text)
     answers = vlm_rl.generate(agent, inputs, 1.0, 16)
-    batch = [{**vlm_rl.prompt_sample(inputs, j), "answer": answers[j]} for j in range(4)]
+    batch = [vlm_rl.prompt_sample(inputs, j, answers[j]) for j in range(4)]
     opt = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=lr)
     token_logp, _, valid, value = vlm_rl.score(agent, batch, 1.0)
     logp = answer_logprob(token_logp, torch.zeros_like(valid), valid, 0.5)
@@ -605,7 +605,7 @@ def test_entropy_bonus_gradient_is_finite_with_suppressed_tokens():
     env = NumberLine()
     inputs = vlm_rl.encode_prompts(agent, [env.reset(seed=0)[0]] * 2, vlm_rl.prompt_text(agent.processor,
                                                                                            vlm_rl.build_prompt(env)))
-    batch = [{**vlm_rl.prompt_sample(inputs, j), "answer": torch.tensor([5, 6, 2])} for j in range(2)]
+    batch = [vlm_rl.prompt_sample(inputs, j, torch.tensor([5, 6, 2])) for j in range(2)]
     _, entropy, valid, _ = vlm_rl.score(agent, batch, 0.5)
     ref = torch.distributions.Categorical(logits=torch.zeros(len(agent.tokenizer))).entropy()
     assert (entropy > 0).all() and (entropy <= ref + 1e-4).all()
@@ -694,7 +694,7 @@ def test_runner_flags_invalid_answers_and_applies_the_penalty(monkeypatch):
     step = runner.step()
     assert step.invalid == [False, True, True]
     assert step.rewards[0] in (-1.0, 0.0, 1.0) and all(-6 <= r <= -4 for r in step.rewards[1:])
-    assert len(step.samples) == 3 and step.samples[0]["split"] == 1  # '"action"' starts at character 1
+    assert len(step.samples) == 3 and step.samples[0].action_start == 1  # '"action"' starts at character 1
 
 
 def test_evaluate_plays_the_held_out_episodes_and_an_invalid_answer_loses(monkeypatch):
@@ -1048,7 +1048,7 @@ def test_scored_logprobs_equal_generate_scores(arch):
     gen_logp = torch.log_softmax(scores, -1).gather(-1, sampled[..., None])[..., 0]
     ends = torch.isin(sampled, torch.tensor(agent.stop_ids))  # each answer ends at its first end-of-turn token
     answers = [row[:e.nonzero()[0, 0] + 1] if e.any() else row for row, e in zip(sampled, ends)]
-    batch = [{**vlm_rl.prompt_sample(inputs, j), "answer": answers[j]} for j in range(3)]
+    batch = [vlm_rl.prompt_sample(inputs, j, answers[j]) for j in range(3)]
     with torch.no_grad():
         token_logp, _, valid, value = vlm_rl.score(agent, batch, T)
         solo = vlm_rl.score(agent, batch[2:], T)[0]  # the longest prompt, alone: no padding at all
@@ -1065,7 +1065,7 @@ def test_ppo_step_changes_language_model_and_value_head(arch):
     inputs = prompts(agent)
     torch.manual_seed(1)
     answers = vlm_rl.generate(agent, inputs, 1.0, 8)
-    batch = [{**vlm_rl.prompt_sample(inputs, j), "answer": answers[j]} for j in range(3)]
+    batch = [vlm_rl.prompt_sample(inputs, j, answers[j]) for j in range(3)]
     before = {k: v.clone() for k, v in agent.named_parameters()}
     opt = torch.optim.AdamW(agent.parameters(), lr=1e-2)
     agent.train()
@@ -1589,10 +1589,10 @@ def test_update_scores_each_answer_under_the_picture_it_was_sampled_with():
         pictures.append(vlm_rl.encode_prompts(agent, [runner.obs[0]], runner.text)["pixel_values"])
         samples.append(runner.step().samples[0])
     for sample, pixels in zip(samples, pictures):
-        assert torch.equal(sample["extra"]["pixel_values"], pixels)
+        assert torch.equal(sample.extra["pixel_values"], pixels)
     assert not torch.equal(pictures[0], pictures[2])
     own = vlm_rl.score(agent, [samples[2]], 1.0).token_logp.sum()
-    first = vlm_rl.score(agent, [{**samples[2], "extra": samples[0]["extra"]}], 1.0).token_logp.sum()
+    first = vlm_rl.score(agent, [dataclasses.replace(samples[2], extra=samples[0].extra)], 1.0).token_logp.sum()
     assert abs(own - first) > 1e-3
 
 

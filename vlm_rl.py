@@ -1,42 +1,58 @@
 """
-vlm_rl: fine-tune a vision-language model (VLM) as a decision-making agent with PPO, after "Fine-Tuning Large
-Vision-Language Models as Decision-Making Agents via Reinforcement Learning" (Zhai et al., NeurIPS 2024, "RL4VLM").
+vlm_rl: fine-tune a vision-language model (VLM) as a decision-making agent with PPO, after
+"Fine-Tuning Large Vision-Language Models as Decision-Making Agents via Reinforcement Learning"
+(Zhai et al., NeurIPS 2024, "RL4VLM").
 
 The method, in the order the data flows through this file:
-  1. The agent sees an image of the game and a prompt: the task, the legal actions, and the answer format,
-     JSON with chain-of-thought (CoT) fields first and "action" last.
-  2. The VLM samples an answer at temperature T; `parse_action` maps it to a legal action
-     (unparseable, illegal or cut off -> a random legal action, flagged invalid, penalised).
-  3. The answer's log-probability under the policy weighs the thoughts by lambda (paper: 0.5):
+  1. The agent sees an image of the game and a prompt: the task, the legal actions, and the
+     answer format, JSON with chain-of-thought (CoT) fields first and "action" last.
+  2. The VLM samples an answer at temperature T; `parse_action` maps it to a legal action.
+     An unparseable, illegal or cut-off answer becomes a random legal action, flagged invalid
+     and penalised.
+  3. The answer's log-probability weighs the thought tokens by lambda (paper: 0.5):
          log pi(answer) = lambda * sum log p(thought tokens) + sum log p(action tokens)
-     where the action part starts at the token that holds the start of `"action"`, found from the decoded
-     text, so it works with any tokenizer.
-  4. A value head (MLP) reads the final hidden state of the last prompt token.
-  5. PPO at environment-step granularity: one whole answer is one action; GAE over env steps; clipped
-     surrogate + clipped value loss with normalised advantages.
-  Before RL, a supervised warm start (SFT) on CoT demonstrations teaches the format.
-  Evaluation plays held-out episodes (seeds training never uses); an invalid answer loses.
+     The action part starts at the token that holds the start of `"action"`, found from the
+     decoded text, so it works with any tokenizer.
+  4. A value head (an MLP) reads the final hidden state of the last prompt token.
+  5. PPO at environment-step granularity: one whole answer is one action; GAE over env steps;
+     clipped surrogate and clipped value loss, with normalised advantages.
+  Before RL, a supervised warm start (SFT) on CoT demonstrations teaches the answer format.
+  Evaluation plays held-out episodes (deals training never sees); an invalid answer loses.
+
+Paper -> code:
+  prompt with the task, legal actions and JSON format     build_prompt
+  answer -> legal action (invalid: random, penalised)     parse_action, Runner.step
+  batched sampling at temperature T                       generate, Runner
+  where the action part starts                            action_token_mask
+  lambda-weighted log pi(answer)                          answer_logprob, score
+  value head on the last prompt token                     Agent.value_head, score
+  GAE over env steps                                      gae
+  clipped surrogate + clipped value loss                  ppo_loss
+  PPO: rollout -> GAE -> minibatch epochs                 collect_rollout, ppo_update, train
+  SFT warm start on CoT demonstrations                    sft
+  success on held-out episodes                            evaluate
 
 Simplifications and differences from the paper's code (all deliberate):
-  1. The default model is a tiny random-init Llava (CLIP + Llama) with a BPE tokenizer trained offline on the
-     game's own text, so everything runs on a CPU in minutes.
-  2. The SFT demonstrator reads the state right but picks a wrong action with probability `--demo-noise`,
-     so SFT gives format and perception, and RL must learn the decisions.
-  3. Old log-probs and values come from a scoring pass right after sampling (no reference model, no KL
-     penalty), as in the paper's code.
-  4. PPO differs from the paper's in: a constant or linearly annealed lr (paper: cosine decay), AdamW
-     minibatches of --minibatch-size (paper: 1 sample x 128 accumulation steps), grad-norm clip 1.0 (paper:
-     0.01), and time-limit truncation bootstraps from V(last state) (paper: a terminal zero).
-     Hyperparameters are tuned for the tiny model per game (PRESETS).
-  5. With --dtype bfloat16 the frozen weights are bf16; everything trained (and its AdamW state) stays
-     float32 and matmuls run under autocast. LoRA is merged in float32.
+  1. The default model is a tiny random-init Llava (CLIP + Llama) with a BPE tokenizer trained
+     offline on the game's own text, so everything runs on a CPU in minutes.
+  2. The SFT demonstrator reads the state right but picks a wrong action with probability
+     --demo-noise, so SFT teaches format and perception, and RL must learn the decisions.
+  3. Old log-probs and values come from a scoring pass right after sampling (no reference
+     model, no KL penalty), as in the paper's code.
+  4. PPO differs from the paper's in: a constant or linearly annealed lr (paper: cosine decay),
+     AdamW minibatches of --minibatch-size (paper: 1 sample x 128 accumulation steps),
+     grad-norm clip 1.0 (paper: 0.01), and time-limit truncation bootstraps from V(last state)
+     (paper: a terminal zero). Hyperparameters are tuned for the tiny model per game (PRESETS).
+  5. With --dtype bfloat16 the frozen weights are bf16; everything trained (and its AdamW
+     state) stays float32 and matmuls run under autocast. LoRA is merged in float32.
 
 Commands (README.md has more):
-  python vlm_rl.py --env numberline          # tiny model, CPU, about 10 minutes
-  python vlm_rl.py --env numberline --model llava-hf/llava-v1.6-mistral-7b-hf --device cuda \
-      --dtype bfloat16 --gradient-checkpointing --lora-rank 64 --num-envs 8 --micro-batch 4 --lr 1e-5
+  python vlm_rl.py --env numberline              # tiny model, CPU, a few minutes
+  python vlm_rl.py --help                        # every setting, with the per-game presets
+  python vlm_rl.py --env numberline --model llava-hf/llava-v1.6-mistral-7b-hf --device cuda \\
+      --dtype bfloat16 --gradient-checkpointing --lora-rank 64 --num-envs 8 --micro-batch 4
   python vlm_rl.py --resume runs/numberline-s1   # continue a run from its last checkpoint
-  torchrun --nproc_per_node 8 vlm_rl.py --env numberline --model ...   # data parallel: one process per GPU
+  torchrun --nproc_per_node 8 vlm_rl.py --env numberline --model ...   # one process per GPU
 """
 import argparse
 import bisect
@@ -51,6 +67,7 @@ import re
 import sys
 import textwrap
 import time
+import typing
 
 import numpy as np
 import torch
@@ -64,114 +81,1130 @@ from tqdm import tqdm
 import envs
 
 ENVS = {cls.name: cls for cls in (envs.NumberLine, envs.Blackjack, envs.EZPoints, envs.Points24)}
-EVAL_SEED = 10 ** 9  # held-out evaluation episode k is dealt from seed EVAL_SEED + k; training seeds stay below
+# Held-out evaluation episode k is dealt from seed EVAL_SEED + k; training seeds stay below.
+EVAL_SEED = 10 ** 9
 
-# --- config: one dataclass, turned into argparse flags ---
+
+# -----------------------------------------------------------------------------
+# Config: one dataclass; its fields are the command-line flags, their help the descriptions.
+
+def option(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass
 class Config:
-    env: str = "numberline"        # numberline | blackjack | ezpoints | points24
-    model: str = ""                # "" = the built-in tiny model; else a hub id or local path
-    num_envs: int = 64             # environments stepped together (one generate call per step)
-    num_steps: int = 4             # env steps per environment per PPO update
-    total_steps: int = 0           # RL env steps in all (per-env preset when not given)
-    sft_steps: int = 0             # SFT warm-start steps (per-env preset when not given)
-    sft_batch: int = 32
-    sft_lr: float = 0.0            # 0 = 3e-4 (full fine-tuning) or 1e-3 (LoRA)
-    micro_batch: int = 0           # rows per forward/backward in SFT and PPO; gradients accumulate (0 = all)
-    demo_noise: float = -1.0       # P(demonstrator picks a wrong action); <0 = the env's default
-    thought_coef: float = 0.5      # lambda: weight of the thought tokens' log-prob (paper: 0.5)
-    no_cot: bool = False           # action-only prompt (the paper's "no CoT" ablation)
-    temperature: float = 0.5       # sampling temperature (paper: 0.2 for a 7B model)
-    max_new_tokens: int = 0        # 0 = 48 for the tiny model, 256 with --model (a 7B model's CoT)
-    lr: float = 0.0                # PPO learning rate; 0 = 2e-5 (full) or 1e-4 (LoRA) (paper: 1e-5, 7B LoRA)
-    lr_anneal: float = 0.0         # the lr falls linearly by this fraction over the run (1 = to zero; 0 = constant)
-    gamma: float = 0.9             # paper values for gamma, GAE lambda, clip, epochs
-    gae_lambda: float = 0.95
-    clip: float = 0.1
-    epochs: int = 4
-    minibatch_size: int = 64
-    vf_coef: float = 0.5
-    value_clip: float = 0.1        # new values stay within +-value_clip of the old ones (paper's code); 0 = off
-    ent_coef: float = 0.0          # bonus on the entropy of the action tokens (keeps exploring)
-    max_grad_norm: float = 1.0
-    invalid_penalty: float = 1.0   # subtracted from the reward of an invalid answer
-    eval_episodes: int = 0         # held-out episodes per evaluation (per-env preset when not given)
-    render: int = 0                # K > 0: the evaluations also write episodes-{sft,rl}.gif/.png of K episodes
-    seed: int = 1
-    save_every: int = 1            # checkpoint every N PPO updates
-    resume: str = ""               # an --out-dir to continue from its checkpoint.safetensors
-    out_dir: str = ""              # default runs/<env>-s<seed>
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "float32"         # float32 | bfloat16 (of frozen weights and matmuls; float16 would need loss scaling)
-    lora_rank: int = 0             # > 0: LoRA on every linear layer but lm_head (trained in full on the tiny model)
-    lora_alpha: float = 16.0
-    gradient_checkpointing: bool = False
+    env: str = option("numberline", "the game")
+    model: str = option("", "a hub id or local path (default: the built-in tiny model)")
+    # rollout
+    num_envs: int = option(64, "environments stepped together (one generate call per step)")
+    num_steps: int = option(4, "env steps per environment per PPO update")
+    total_steps: int | None = option(None, "RL env steps in all (default: the game's preset)")
+    temperature: float = option(0.5, "sampling temperature (paper: 0.2 for a 7B model)")
+    max_new_tokens: int | None = option(None, "answer length limit (default: 48; 256 with --model)")
+    no_cot: bool = option(False, "action-only prompts and demonstrations (paper's no-CoT ablation)")
+    invalid_penalty: float = option(1.0, "subtracted from the reward of an invalid answer")
+    # the lambda-weighted log-prob and PPO (paper values for gamma, GAE lambda, clip and epochs)
+    thought_coef: float = option(0.5, "lambda: the weight of the thought tokens' log-prob")
+    gamma: float = option(0.9, "discount factor")
+    gae_lambda: float = option(0.95, "GAE lambda")
+    clip: float = option(0.1, "PPO clip range of the probability ratio")
+    epochs: int = option(4, "PPO epochs over each rollout")
+    minibatch_size: int = option(64, "samples per PPO minibatch")
+    micro_batch: int = option(0, "rows per forward/backward, gradients accumulate (0: all at once)")
+    lr: float | None = option(None, "PPO learning rate (default: 2e-5, or 1e-4 with LoRA)")
+    lr_anneal: float = option(0.0, "the lr falls linearly by this fraction over the run (1: to 0)")
+    vf_coef: float = option(0.5, "weight of the value loss")
+    value_clip: float = option(0.1, "new values stay within +-value_clip of the old (0: off)")
+    ent_coef: float = option(0.0, "bonus on the entropy of the action tokens")
+    max_grad_norm: float = option(1.0, "gradient-norm clip")
+    # SFT warm start
+    sft_steps: int | None = option(None, "SFT steps (default: the game's preset)")
+    sft_batch: int = option(32, "demonstrations per SFT step")
+    sft_lr: float | None = option(None, "SFT learning rate (default: 3e-4, or 1e-3 with LoRA)")
+    demo_noise: float | None = option(None, "P(the demonstrator picks a wrong action) "
+                                            "(default: the game's own)")
+    # evaluation and outputs
+    eval_episodes: int | None = option(None, "held-out episodes per evaluation "
+                                             "(default: the game's preset)")
+    render: int = option(0, "K > 0: evaluations also write episodes-{sft,rl}.gif of K episodes")
+    seed: int = option(1, "random seed (also of the built-in model's tokenizer and weights)")
+    save_every: int = option(1, "checkpoint every N PPO updates")
+    resume: str = option("", "an --out-dir to continue from its checkpoint.safetensors")
+    out_dir: str = option("", "output directory (default: runs/<env>-s<seed>)")
+    # model, precision, hardware
+    device: str | None = option(None, "cpu or cuda (default: cuda if available)")
+    dtype: str = option("float32", "float32 or bfloat16: of the frozen weights and the matmuls")
+    lora_rank: int = option(0, "> 0: LoRA on every linear layer but lm_head")
+    lora_alpha: float = option(16.0, "LoRA alpha (the adapters are scaled by alpha / rank)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (saves memory)")
 
-PRESETS = {  # tuned for the tiny model on a 2-core CPU
+
+# Tuned for the tiny model on a 2-core CPU; any flag overrides them.
+PRESETS = {
     "numberline": dict(total_steps=5120, sft_steps=400, eval_episodes=1000),
-    # Blackjack's reward is noisy: bigger batches, fewer epochs, a smaller step; gamma 1: the objective is the
-    # outcome of a hand (0.9 would make every hit look worse); the lr anneals to zero to settle close calls (16 vs 10)
-    "blackjack": dict(total_steps=40960, sft_steps=1000, eval_episodes=5000, num_envs=128, minibatch_size=128,
-                      epochs=2, lr=5e-5, lr_anneal=1.0, gamma=1.0, temperature=0.3),
+    # Blackjack's reward is noisy: bigger batches, fewer epochs, a smaller step. gamma 1: the
+    # objective is the outcome of the hand (0.9 would make every hit look worse). The lr anneals
+    # to zero to settle close calls (16 against a 10).
+    "blackjack": dict(total_steps=40960, sft_steps=1000, eval_episodes=5000, num_envs=128,
+                      minibatch_size=128, epochs=2, lr=5e-5, lr_anneal=1.0, gamma=1.0,
+                      temperature=0.3),
     "ezpoints": dict(total_steps=10240, sft_steps=600, eval_episodes=1000),
-    # Points24 samples ~9 tokens an answer at T 0.2, so log-probs move 5x a logit: a smaller lr and 2 epochs (4: KL 2)
-    "points24": dict(total_steps=20480, sft_steps=1000, eval_episodes=500, temperature=0.2, epochs=2, lr=1e-5),
+    # Points24 samples ~9 tokens an answer at T 0.2, so log-probs move 5x a logit: a smaller lr
+    # and 2 epochs (with 4, the KL reached 2).
+    "points24": dict(total_steps=20480, sft_steps=1000, eval_episodes=500, temperature=0.2,
+                     epochs=2, lr=1e-5),
 }
+
+# A resumed run must keep these (its games, its weights' shapes).
 RESUME_MUST_MATCH = ("env", "model", "num_envs", "num_steps", "lora_rank")
 
+
 def parse_config(argv=None):
-    p = argparse.ArgumentParser(description="PPO fine-tuning of a VLM agent (RL4VLM).")
-    p.error = lambda msg: sys.exit(f"vlm_rl.py: error: {msg}")  # one line, no usage dump
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kind = dict(action="store_true") if f.type is bool else dict(type=f.type, help=f"default: {f.default}")
-        p.add_argument(flag, default=None, **kind)
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    """Flags -> (Config, the checkpoint's state or None). Bad input: a one-line error."""
+    parser = build_parser()
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     ckpt = None
-    if given.get("resume"):  # continue a run: its own config, unless a flag overrides it
-        path = os.path.join(run := given["resume"], "checkpoint.safetensors")
-        if not os.path.isfile(path):
-            p.error(f"--resume {run!r}: no checkpoint.safetensors in that directory" + (
-                " (a checkpoint.pt is never loaded: unpickling a file can run code)"
-                if os.path.exists(os.path.join(run, "checkpoint.pt")) else ""))
-        try:  # tensors and JSON only: reading it runs no code
-            with safe_open(path, "pt") as f:
-                ckpt = json.loads(f.metadata()["state"])
-            saved = {k: ckpt["config"][k] for k in RESUME_MUST_MATCH}
-        except Exception as e:
-            p.error(f"--resume {run!r}: not a vlm_rl checkpoint ({type(e).__name__})")
-        for k, v in saved.items():
-            if given.setdefault(k, v) != v:
-                p.error(f"--resume {run!r}: that run has --{k.replace('_', '-')} {v!r}, not {given[k]!r}")
-        given = {**ckpt["config"], "out_dir": run, **given}
-    if given.get("env", Config.env) not in ENVS:
-        p.error(f"unknown env {given['env']!r}; choose from {sorted(ENVS)}")
-    cfg = Config(**{**PRESETS[given.get("env", Config.env)], **given})
-    batch, c, W = cfg.num_envs * cfg.num_steps, cfg, int(os.environ.get("WORLD_SIZE", 1))  # W: torchrun's processes
-    for bad, msg in [
-            (not (0 <= c.thought_coef <= 1 and 0 <= c.lr_anneal <= 1), "--thought-coef, --lr-anneal must be in [0, 1]"),
-            (not 0 < c.temperature <= 10, "--temperature must be in (0, 10]"),
-            (not (0 <= c.lr < 1 and 0 <= c.sft_lr < 1), "learning rates must be in (0, 1)"),
-            (min(c.num_envs, c.num_steps, c.minibatch_size, c.sft_batch, c.save_every, c.epochs) < 1,
-             "--num-envs, --num-steps, --minibatch-size, --sft-batch, --save-every and --epochs must be >= 1"),
-            (min(c.total_steps, c.sft_steps, c.eval_episodes, c.micro_batch, c.max_new_tokens) < 0, "negative count"),
-            (0 < c.total_steps < batch * W, f"--total-steps {c.total_steps} is below one PPO update ({batch * W})"),
-            (given.get("minibatch_size", 0) > batch, f"--minibatch-size {c.minibatch_size} is larger than {batch}"),
-            (not 0 <= c.seed < 10 ** 5, "--seed must be in [0, 100000)"),  # training seeds stay below EVAL_SEED
-            (c.demo_noise > 1, "--demo-noise must be <= 1"),
-            (c.dtype not in ("float32", "bfloat16"), f"--dtype {c.dtype!r}: use float32 or bfloat16"),
-            (c.device.startswith("cuda") and not torch.cuda.is_available(), "--device cuda: CUDA is not available")]:
-        if bad:
-            p.error(msg)
-    cfg.minibatch_size = min(cfg.minibatch_size, batch)  # a preset's minibatch never exceeds a small batch
-    cfg.lr, cfg.sft_lr = cfg.lr or (1e-4 if cfg.lora_rank else 2e-5), cfg.sft_lr or (1e-3 if cfg.lora_rank else 3e-4)
-    cfg.max_new_tokens = cfg.max_new_tokens or (256 if cfg.model else 48)
-    cfg.out_dir = cfg.out_dir or f"runs/{cfg.env}-s{cfg.seed}"
+    if given.get("resume"):
+        # continue a run: its own config, unless a flag overrides it
+        ckpt = read_resume_state(parser, given["resume"])
+        for k in RESUME_MUST_MATCH:
+            saved = ckpt["config"][k]
+            if given.setdefault(k, saved) != saved:
+                flag = "--" + k.replace("_", "-")
+                parser.error(f"--resume {given['resume']!r}: that run has {flag} {saved!r}, "
+                             f"not {given[k]!r}")
+        given = {**ckpt["config"], "out_dir": given["resume"], **given}
+    env = given.get("env", Config.env)
+    if env not in ENVS:
+        parser.error(f"unknown env {env!r}; choose from {sorted(ENVS)}")
+    cfg = Config(**{**PRESETS.get(env, {}), **given})
+    for k in ("total_steps", "sft_steps", "eval_episodes"):
+        if getattr(cfg, k) is None:
+            parser.error(f"--{k.replace('_', '-')} is needed: {env} has no preset")
+
+    # the defaults that depend on other settings
+    if cfg.lr is None:
+        cfg.lr = 1e-4 if cfg.lora_rank else 2e-5
+    if cfg.sft_lr is None:
+        cfg.sft_lr = 1e-3 if cfg.lora_rank else 3e-4
+    if cfg.max_new_tokens is None:
+        cfg.max_new_tokens = 256 if cfg.model else 48
+    if cfg.demo_noise is None:
+        cfg.demo_noise = ENVS[env].default_noise
+    if cfg.device is None:
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not cfg.out_dir:
+        cfg.out_dir = f"runs/{cfg.env}-s{cfg.seed}"
+
+    error = check_config(cfg, given)
+    if error:
+        parser.error(error)
+    batch = cfg.num_envs * cfg.num_steps
+    cfg.minibatch_size = min(cfg.minibatch_size, batch)  # a preset's minibatch never exceeds it
     return cfg, ckpt
 
-# --- data parallelism (as nanoGPT): inactive unless torchrun launched this process ---
+
+def build_parser():
+    presets = "\n".join(textwrap.fill(f"{env}: " + ", ".join(f"{k}={v}" for k, v in p.items()),
+                                       78, initial_indent="  ", subsequent_indent="    ")
+                         for env, p in PRESETS.items())
+    parser = argparse.ArgumentParser(
+        description="PPO fine-tuning of a vision-language model as a game-playing agent (RL4VLM).",
+        epilog=f"per-game presets (a flag overrides them):\n{presets}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda msg: sys.exit(f"vlm_rl.py: error: {msg}")  # one line, no usage dump
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help = f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=help)
+            continue
+        kind = typing.get_args(f.type)[0] if typing.get_args(f.type) else f.type
+        if f.default not in (None, ""):
+            help += f" (default: {f.default})"
+        choices = sorted(ENVS) if f.name == "env" else None
+        parser.add_argument(flag, type=kind, default=None, choices=choices, help=help)
+    return parser
+
+
+def read_resume_state(parser, run):
+    """The saved state of run directory `run`: tensors and JSON only, reading it runs no code."""
+    path = os.path.join(run, "checkpoint.safetensors")
+    if not os.path.isfile(path):
+        hint = ""
+        if os.path.exists(os.path.join(run, "checkpoint.pt")):
+            hint = " (a checkpoint.pt is never loaded: unpickling a file can run code)"
+        parser.error(f"--resume {run!r}: no checkpoint.safetensors in that directory{hint}")
+    try:
+        with safe_open(path, "pt") as f:
+            state = json.loads(f.metadata()["state"])
+        for k in RESUME_MUST_MATCH:
+            state["config"][k]
+    except Exception as e:
+        parser.error(f"--resume {run!r}: not a vlm_rl checkpoint ({type(e).__name__})")
+    return state
+
+
+def check_config(c, given):
+    """The first problem with the settings, as a message, or None."""
+    batch = c.num_envs * c.num_steps
+    ranks = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes, each with its own envs
+    counts = (c.num_envs, c.num_steps, c.minibatch_size, c.sft_batch, c.save_every, c.epochs)
+    if not (0 <= c.thought_coef <= 1 and 0 <= c.lr_anneal <= 1):
+        return "--thought-coef, --lr-anneal must be in [0, 1]"
+    if not 0 < c.temperature <= 10:
+        return "--temperature must be in (0, 10]"
+    if not (0 < c.lr < 1 and 0 < c.sft_lr < 1):
+        return "learning rates must be in (0, 1)"
+    if min(counts) < 1:
+        return ("--num-envs, --num-steps, --minibatch-size, --sft-batch, --save-every and "
+                "--epochs must be >= 1")
+    if min(c.total_steps, c.sft_steps, c.eval_episodes, c.micro_batch, c.max_new_tokens) < 0:
+        return "negative count"
+    if 0 < c.total_steps < batch * ranks:
+        return f"--total-steps {c.total_steps} is below one PPO update ({batch * ranks})"
+    if given.get("minibatch_size", 0) > batch:
+        return f"--minibatch-size {c.minibatch_size} is larger than {batch}"
+    if not 0 <= c.seed < 10 ** 5:  # training seeds stay below EVAL_SEED
+        return "--seed must be in [0, 100000)"
+    if not 0 <= c.demo_noise <= 1:
+        return "--demo-noise must be in [0, 1]"
+    if c.dtype not in ("float32", "bfloat16"):
+        return f"--dtype {c.dtype!r}: use float32 or bfloat16"
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        return "--device cuda: CUDA is not available"
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Prompt and parser: the task, the legal actions, the answer format (CoT first, then the action)
+
+def build_prompt(env, cot=True):
+    actions = " or ".join(f'"{a}"' for a in env.action_names)
+    fields = env.cot_fields + ", " if cot else ""
+    return (f"{env.task} Legal actions: {actions}. Reply with JSON only: "
+            f'{{{fields}"action": {actions}}}')
+
+
+ACTION_RE = re.compile(r'"action"\s*:\s*"([^"\n]{0,40})"')
+
+Parsed = collections.namedtuple("Parsed", "action action_start")
+
+
+def parse_action(text, action_names):
+    """Parsed(action index or None if invalid, character offset where `"action"` starts).
+
+    The first `"action": "<value>"` in the text wins; the value must equal a legal action name
+    (case and surrounding spaces ignored). No match: Parsed(None, len(text)), every token is a
+    thought token. The text is only matched, never run.
+    """
+    match = ACTION_RE.search(text[:4096])  # answers are short; bound the work on hostile text
+    if match is None:
+        return Parsed(None, len(text))
+    value = match.group(1).strip().lower()
+    names = [a.lower() for a in action_names]
+    action = names.index(value) if value in names else None
+    return Parsed(action, match.start())
+
+
+# -----------------------------------------------------------------------------
+# Rollout: one batched generate call samples every environment's answer
+
+@dataclasses.dataclass
+class Sample:
+    """One observation and the answer given to it: what PPO and SFT score again later."""
+    prompt: dict           # per-token prompt tensors (input_ids, ...) without their padding
+    extra: dict            # the rest of the processor's output (pixels, ...), batch dim 1
+    answer: torch.Tensor   # [M] the answer's token ids, ending with end-of-turn if not cut off
+    action_start: int = 0  # character of the decoded answer where `"action"` starts
+    action_mask: torch.Tensor | None = None  # [M] True for the action tokens (filled in later)
+
+
+def sampling_kwargs(agent, temperature, max_new_tokens):
+    """generate() settings that sample from exactly softmax(logits / T): no top-k (transformers'
+    default is 50), no top-p, no repetition penalty. T = 0: greedy."""
+    if temperature:
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        sampling = dict(do_sample=False)
+    return dict(**sampling, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                suppress_tokens=agent.suppress or None, eos_token_id=agent.stop_ids,
+                pad_token_id=agent.tokenizer.pad_token_id)  # batches need a pad token
+
+
+@torch.no_grad()
+def generate(agent, inputs, temperature, max_new_tokens):
+    """Sample one answer per prompt: a list of 1-D token tensors, each cut after its first
+    end-of-turn token (an answer without one was cut off by the length limit)."""
+    with agent.autocast():
+        out = agent.vlm.generate(**inputs, **sampling_kwargs(agent, temperature, max_new_tokens))
+    answers = out[:, inputs["input_ids"].shape[1]:].cpu()  # [B, M]
+    ends = torch.isin(answers, torch.tensor(agent.stop_ids)).int()
+    lengths = torch.where(ends.any(1), ends.argmax(1) + 1, answers.shape[1])
+    return [a[:n] for a, n in zip(answers, lengths.tolist())]
+
+
+# what one batched step of the environments returns, a list with an entry per environment
+Step = collections.namedtuple("Step", "samples rewards dones truncated successes invalid final_obs")
+
+
+class Runner:
+    """Steps a list of environments with the agent and resets finished episodes.
+
+    Env i is first dealt from seed + i * stride, later deals from its own RNG; with fresh_seeds
+    every deal takes the next seed (evaluation: episode k is always the same deal).
+    """
+
+    def __init__(self, agent, env_cls, n, seed, cfg, fresh_seeds=False, stride=1):
+        self.agent = agent
+        self.cfg = cfg
+        self.temperature = cfg.temperature
+        self.seeds = itertools.count(seed, stride)
+        self.fresh = fresh_seeds
+        self.rng = random.Random(seed)  # the random actions that replace invalid answers
+        self.envs = [env_cls() for _ in range(n)]
+        self.obs = [e.reset(seed=next(self.seeds))[0] for e in self.envs]
+        self.text = prompt_text(agent.processor, build_prompt(env_cls(), not cfg.no_cot))
+
+    def step(self, idx=None):
+        """Act in envs `idx` (default: all): sample answers, parse them, step the games."""
+        idx = range(len(self.envs)) if idx is None else idx
+        images = [self.obs[i] for i in idx]
+        inputs = encode_prompts(self.agent, images, self.text).to(self.agent.device)
+        answers = generate(self.agent, inputs, self.temperature, self.cfg.max_new_tokens)
+        texts = self.agent.tokenizer.batch_decode(answers, skip_special_tokens=True)
+        out = Step([], [], [], [], [], [], [])
+        for j, i in enumerate(idx):
+            env = self.envs[i]
+            action, action_start = parse_action(texts[j], env.action_names)
+            cut_off = answers[j][-1].item() not in self.agent.stop_ids
+            invalid = action is None or cut_off
+            if invalid:  # a random legal action is played, and the answer is penalised
+                action = self.rng.randrange(len(env.action_names))
+            final_obs, reward, terminated, truncated, info = env.step(action)
+            done = terminated or truncated
+            if done:
+                self.obs[i] = env.reset(seed=next(self.seeds) if self.fresh else None)[0]
+            else:
+                self.obs[i] = final_obs
+            out.samples.append(prompt_sample(inputs, j, answers[j], action_start))
+            out.rewards.append(reward - self.cfg.invalid_penalty * invalid)
+            out.dones.append(done)
+            out.truncated.append(truncated and not terminated)
+            out.successes.append(info["success"])
+            out.invalid.append(invalid)
+            out.final_obs.append(final_obs)
+        return out
+
+
+# -----------------------------------------------------------------------------
+# The lambda-weighted log-prob of an answer
+
+def action_token_mask(tokenizer, answer_ids, action_starts):
+    """[B, M] bool: True for the action part, the token that holds character action_starts[b]
+    of the decoded answer and all after it. Found by decoding prefixes (a binary search: a longer
+    prefix never decodes shorter), so it needs no knowledge of token ids."""
+    M = max(len(a) for a in answer_ids)
+    mask = torch.zeros(len(answer_ids), M, dtype=torch.bool)
+    for b, (ids, start) in enumerate(zip(answer_ids, action_starts)):
+        ids = list(ids)
+
+        def decodes_past_start(k):
+            return len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True)) > start
+
+        first = bisect.bisect_left(range(len(ids)), True, key=decodes_past_start)
+        mask[b, first:len(ids)] = True
+    return mask
+
+
+def answer_logprob(token_logp, action_mask, valid, thought_coef):
+    """log pi = lambda * sum(thought token log-probs) + sum(action token log-probs).
+    [B, M] -> [B]. torch.where, not a product: -inf at padded positions cannot become NaN."""
+    weight = torch.where(action_mask, 1.0, thought_coef)
+    return torch.where(valid, token_logp * weight, 0.0).sum(-1)
+
+
+# what scoring a batch of answers gives: [B, M] x 3, [B]
+Scored = collections.namedtuple("Scored", "token_logp entropy valid value")
+
+
+def score(agent, batch, temperature):
+    """One forward pass over prompt + answer: the answer tokens' log-probs under
+    softmax(logits / T), their entropies, the answer mask, and the value of the prompt.
+    Only the last M + 1 positions get logits: no [B, P + M, vocab] tensor for the prompt."""
+    inputs, P = collate(agent, batch, agent.device)
+    M = inputs["input_ids"].shape[1] - P
+    with agent.autocast():
+        out = agent.vlm(**inputs, logits_to_keep=M + 1, output_hidden_states=True)
+        last_prompt_token = out.hidden_states[-1][:, P - 1]  # [B, hidden]
+        value = agent.value_head(last_prompt_token).squeeze(-1).float()  # [B]
+    logits = out.logits[:, :-1].float() / temperature  # [B, M, V]: position t predicts token t + 1
+    logits[..., agent.suppress] = float("-inf")  # never sampled either (an empty list: no-op)
+    logp = torch.log_softmax(logits, -1)
+    answers = inputs["input_ids"][:, P:]  # [B, M]
+    token_logp = logp.gather(-1, answers.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp.masked_fill(logp.isinf(), 0)).sum(-1)  # suppressed ids: 0
+    valid = inputs["attention_mask"][:, P:].bool()  # False on the right padding
+    return Scored(token_logp, entropy, valid, value)
+
+
+@torch.no_grad()
+def value_of(agent, images, text):
+    """V(s) of observations [B]: scored with a stand-in one-token answer, only the value read."""
+    inputs = encode_prompts(agent, images, text)
+    end = torch.tensor(agent.stop_ids[:1])
+    batch = [prompt_sample(inputs, j, end) for j in range(len(images))]
+    return score(agent, batch, 1.0).value.cpu()
+
+
+# -----------------------------------------------------------------------------
+# GAE over env steps (the names follow CleanRL's ppo.py)
+
+def gae(rewards, values, dones, next_value, gamma, gae_lambda):
+    """rewards, values, dones: [S, E]; dones[t]: the episode ended at step t; next_value: [E].
+    Returns (advantages, returns), both [S, E]."""
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = 0
+    for t in reversed(range(rewards.shape[0])):
+        if t == rewards.shape[0] - 1:
+            nextvalues = next_value
+        else:
+            nextvalues = values[t + 1]
+        nextnonterminal = 1.0 - dones[t]
+        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
+        lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages, advantages + values
+
+
+# -----------------------------------------------------------------------------
+# The PPO loss, on whole answers
+
+PPOLoss = collections.namedtuple("PPOLoss", "loss pg_loss v_loss stats")
+
+
+def ppo_loss(logp, old_logp, advantages, values, returns, clip, vf_coef,
+             old_values=None, value_clip=0.0):
+    """Clipped surrogate (Schulman et al. 2017) + value loss. With value_clip, the value loss is
+    the larger of the plain and the clipped squared error (as in the paper's code)."""
+    # policy loss
+    logratio = logp - old_logp
+    ratio = logratio.exp()
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+    # value loss
+    v_loss = (values - returns) ** 2
+    if value_clip:
+        v_clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+        v_loss = torch.max(v_loss, (v_clipped - returns) ** 2)
+    v_loss = 0.5 * v_loss.mean()
+
+    with torch.no_grad():
+        stats = {"approx_kl": ((ratio - 1) - logratio).mean().item(),
+                 "clip_frac": ((ratio - 1).abs() > clip).float().mean().item()}
+    return PPOLoss(pg_loss + vf_coef * v_loss, pg_loss, v_loss, stats)
+
+
+# -----------------------------------------------------------------------------
+# PPO: rollout -> GAE -> minibatch epochs
+
+class Rollout(typing.NamedTuple):
+    """num_steps x num_envs env steps, with what PPO needs of each."""
+    samples: list            # [S * E] Samples, in step order
+    old_logp: torch.Tensor   # [S, E] log pi(answer) when it was sampled
+    values: torch.Tensor     # [S, E] V(observation)
+    rewards: torch.Tensor    # [S, E] (a time limit adds gamma * V(final observation))
+    dones: torch.Tensor      # [S, E] 1.0 where the episode ended
+    next_value: torch.Tensor  # [E] V(the observation each env is at now)
+    successes: list          # the success flag of every episode that ended
+    invalid: int             # how many answers were invalid
+    seconds: dict            # gen_seconds, score_seconds
+
+
+@torch.no_grad()
+def collect_rollout(agent, runner, cfg):
+    """Step every environment cfg.num_steps times, scoring each answer right after sampling."""
+    S, E = cfg.num_steps, cfg.num_envs
+    agent.eval()
+    rewards = torch.zeros(S, E)
+    dones = torch.zeros(S, E)
+    values = torch.zeros(S, E)
+    old_logp = torch.zeros(S, E)
+    samples = []
+    successes = []
+    invalid = 0
+    seconds = collections.Counter()
+    for t in range(S):
+        t0 = time.time()
+        step = runner.step()
+        t1 = time.time()
+
+        # old log-probs and values, from our own scoring pass
+        token_logp, _, valid, value = score(agent, step.samples, cfg.temperature)
+        answers = [s.answer for s in step.samples]
+        action_mask = action_token_mask(agent.tokenizer, answers,
+                                        [s.action_start for s in step.samples])
+        for s, mask in zip(step.samples, action_mask):
+            s.action_mask = mask[:len(s.answer)]  # kept with the sample for the epochs
+        action_mask = action_mask.to(valid.device)
+        old_logp[t] = answer_logprob(token_logp, action_mask, valid, cfg.thought_coef).cpu()
+        values[t] = value.cpu()
+        rewards[t] = torch.tensor(step.rewards)
+        dones[t] = torch.tensor(step.dones, dtype=torch.float)
+
+        # a time limit is no terminal: bootstrap from the value of where the episode was cut
+        cut = [j for j in range(E) if step.truncated[j]]
+        if cut:
+            final_obs = [step.final_obs[j] for j in cut]
+            rewards[t, cut] += cfg.gamma * value_of(agent, final_obs, runner.text)
+
+        successes += [s for s, d in zip(step.successes, step.dones) if d]
+        invalid += sum(step.invalid)
+        samples += step.samples
+        seconds.update(gen_seconds=t1 - t0, score_seconds=time.time() - t1)
+    next_value = value_of(agent, runner.obs, runner.text)
+    return Rollout(samples, old_logp, values, rewards, dones, next_value, successes, invalid,
+                   seconds)
+
+
+def ppo_update(agent, opt, samples, old_logp, advantages, returns, old_values, cfg, update):
+    """cfg.epochs passes over the rollout in shuffled minibatches. The tensors are flat, [S * E].
+    Returns per-minibatch stats: [policy loss, value loss, entropy, approx KL, clip fraction]
+    of every micro-batch, and the gradient norm of every optimizer step."""
+    params = opt.param_groups[0]["params"]
+    agent.train()
+    stats = []
+    grad_norms = []
+    for epoch in range(cfg.epochs):
+        for mb in torch.randperm(len(samples)).split(cfg.minibatch_size):
+            opt.zero_grad()
+            # gradient accumulation over micro-batches (all at once without --micro-batch)
+            for part in mb.split(cfg.micro_batch or len(mb)):
+                batch = [samples[i] for i in part.tolist()]
+                token_logp, entropy, valid, value = score(agent, batch, cfg.temperature)
+                masks = [s.action_mask for s in batch]
+                action_mask = nn.utils.rnn.pad_sequence(masks, True).to(valid.device)
+                logp = answer_logprob(token_logp, action_mask, valid, cfg.thought_coef)
+
+                # policy loss and value loss
+                loss, pg_loss, v_loss, loss_stats = ppo_loss(
+                    logp, old_logp[part], advantages[part], value, returns[part], cfg.clip,
+                    cfg.vf_coef, old_values[part], cfg.value_clip)
+
+                # entropy bonus, on the action tokens
+                entropy = torch.where(action_mask & valid, entropy, 0.0).sum(-1).mean()
+                loss = loss - cfg.ent_coef * entropy
+
+                if not torch.isfinite(loss):  # NaN/inf in log-probs or values: stop before stepping
+                    sys.exit(f"vlm_rl.py: error: non-finite loss in PPO update {update}; the last "
+                             f"good checkpoint (update {update - 1}) is kept in {cfg.out_dir}")
+                (loss * len(part) / len(mb)).backward()
+                stats.append([pg_loss.item(), v_loss.item(), entropy.item(),
+                              loss_stats["approx_kl"], loss_stats["clip_frac"]])
+            average_gradients(params)
+            grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norms.append(grad_norm.item())
+            opt.step()
+    return stats, grad_norms
+
+
+def train(agent, opt, runner, cfg, state, log, save):
+    """PPO updates from state["update"] + 1 on: `log` gets a metrics row after each, `save`
+    checkpoints after every cfg.save_every."""
+    S, E = cfg.num_steps, cfg.num_envs
+    rank, ranks = world()  # each rank steps its own E envs
+    updates = cfg.total_steps // (S * E * ranks)
+    bar = tqdm(range(state["update"] + 1, updates + 1), desc="ppo", initial=state["update"],
+               total=updates, disable=rank > 0)
+    for update in bar:
+        t_start = time.time()
+        # linear lr annealing (CleanRL's anneal_lr), a function of the update: resumes alike
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * (1 - cfg.lr_anneal * (update - 1) / updates)
+
+        rollout = collect_rollout(agent, runner, cfg)
+
+        # GAE, then flatten to [S * E]
+        advantages, returns = gae(rollout.rewards, rollout.values, rollout.dones,
+                                  rollout.next_value, cfg.gamma, cfg.gae_lambda)
+        advantages = advantages.flatten().to(agent.device)
+        returns = returns.flatten().to(agent.device)
+        old_logp = rollout.old_logp.flatten().to(agent.device)
+        old_values = rollout.values.flatten().to(agent.device)
+        if returns.var() > 0:
+            explained_var = (1 - (returns - old_values).var() / returns.var()).item()
+        else:
+            explained_var = np.nan
+        if S * E > 1:  # one advantage has no spread to normalise by
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+        t_ppo = time.time()
+        stats, grad_norms = ppo_update(agent, opt, rollout.samples, old_logp, advantages,
+                                       returns, old_values, cfg, update)
+
+        # one metrics row for all ranks
+        gathered = gather((rollout.successes, rollout.invalid, stats, explained_var))
+        successes, invalid, rank_stats, explained_vars = zip(*gathered)
+        pg_loss, v_loss, entropy, approx_kl, clip_frac = np.mean(sum(rank_stats, []), 0)
+        row = {"update": update,
+               "env_steps": update * S * E * ranks,
+               "train_success": np.mean(sum(successes, []) or [np.nan]),
+               "invalid_rate": sum(invalid) / (S * E * ranks),
+               "policy_loss": pg_loss,
+               "value_loss": v_loss,
+               "entropy": entropy,
+               "approx_kl": approx_kl,
+               "clip_frac": clip_frac,
+               "explained_var": np.mean(explained_vars),
+               "grad_norm": np.mean(grad_norms),
+               **rollout.seconds,
+               "ppo_seconds": time.time() - t_ppo,
+               "seconds": time.time() - t_start}
+        log(row)
+        state["update"] = update
+        if update % cfg.save_every == 0 or update == updates:
+            save()
+        bar.set_postfix(success=f"{row['train_success']:.2f}",
+                        invalid=f"{row['invalid_rate']:.1%}", pg=f"{pg_loss:.3f}",
+                        v=f"{v_loss:.3f}", kl=f"{approx_kl:.3f}")
+
+
+# -----------------------------------------------------------------------------
+# SFT warm start: cross-entropy on the demonstrator's answers
+
+def sft(agent, env_cls, cfg):
+    """The demonstrator plays cfg.sft_batch envs; each step is one batch of (image, prompt,
+    answer), and the demonstrator then acts on its own answer."""
+    rank = world()[0]  # under torchrun, rank r plays its own deals
+    games = [env_cls() for _ in range(cfg.sft_batch)]
+    obs = [g.reset(seed=cfg.seed * 7919 + rank * cfg.sft_batch + i)[0]
+           for i, g in enumerate(games)]
+    text = prompt_text(agent.processor, build_prompt(games[0], not cfg.no_cot))
+    rng = random.Random(cfg.seed + 100003 * rank)
+    params = [p for p in agent.vlm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.sft_lr)
+    agent.train()
+    bar = tqdm(range(cfg.sft_steps), desc="sft", disable=rank > 0)
+    for _ in bar:
+        demos = [g.demo(cfg.demo_noise, rng, cot=not cfg.no_cot) for g in games]
+        inputs = encode_prompts(agent, obs, text)
+        end = agent.stop_ids[:1]
+        answers = [a + end for a in agent.tokenizer(demos, add_special_tokens=False)["input_ids"]]
+        batch = [prompt_sample(inputs, j, torch.tensor(a)) for j, a in enumerate(answers)]
+
+        # the mean is over every answer token of the batch, accumulated over micro-batches
+        opt.zero_grad()
+        loss = 0.0
+        tokens = sum(map(len, answers))
+        micro = cfg.micro_batch or len(batch)
+        for k in range(0, len(batch), micro):
+            token_logp, _, valid, _ = score(agent, batch[k:k + micro], 1.0)
+            part = -token_logp[valid].sum() / tokens
+            part.backward()
+            loss += part.item()
+        average_gradients(params)
+        opt.step()
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+        for j, g in enumerate(games):  # the demonstrator acts on its own answer
+            o, _, terminated, truncated, _ = g.step(parse_action(demos[j], g.action_names).action)
+            obs[j] = g.reset()[0] if terminated or truncated else o
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: held-out episodes; an invalid answer loses
+
+@torch.no_grad()
+def evaluate(agent, env_cls, cfg, episodes, greedy=False, gif=""):
+    """Success on held-out episodes: episode k is dealt from seed EVAL_SEED + k, so every
+    evaluation of a run (after SFT or RL, sampled or greedy) plays the same deals, which training
+    never sees. An episode with an invalid answer fails. Sampling uses a forked RNG: training's
+    streams are untouched. "paper_success": total reward > 0 (the paper's measure).
+    Under torchrun rank r plays episodes r, r + W, ... and the counts are summed.
+    `gif`: rank 0's first cfg.render episodes, a frame per step, to that file."""
+    agent.eval()
+    rank, ranks = world()
+    total = episodes
+    episodes = len(range(rank, total, ranks))  # this rank's share
+    n = min(2 * cfg.num_envs, episodes)  # no gradients to hold: a bigger batch fits
+    devices = [agent.device] if agent.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed + 100003 * rank)
+        runner = Runner(agent, env_cls, n, EVAL_SEED + rank, cfg, fresh_seeds=True, stride=ranks)
+        runner.temperature = 0.0 if greedy else cfg.temperature
+        # per env: the episode it plays, its return so far, whether it gave an invalid answer
+        episode = list(range(n))
+        ret = [0.0] * n
+        bad = [False] * n
+        dealt = n
+        wins = 0
+        paper_wins = 0
+        invalid = 0
+        steps = 0
+        frames = collections.defaultdict(list)  # per episode
+        bar = tqdm(total=episodes, desc="eval greedy" if greedy else "eval", leave=False,
+                   disable=rank > 0)
+        active = list(range(n))
+        while active:
+            shown = [runner.obs[i] for i in active]
+            step = runner.step(active)
+            steps += len(active)
+            invalid += sum(step.invalid)
+            for j, i in enumerate(active):
+                ret[i] += step.rewards[j]
+                bad[i] = bad[i] or step.invalid[j]
+                if gif and rank == 0 and episode[i] < cfg.render:
+                    frames[episode[i]].append(episode_frame(agent, step, j, shown[j], episode[i],
+                                                            len(frames[episode[i]]), ret[i]))
+                if step.dones[j]:
+                    wins += step.successes[j] and not bad[i]
+                    paper_wins += ret[i] > 0
+                    # the runner has dealt env i the next seed, in this same order
+                    episode[i] = dealt
+                    dealt += 1
+                    ret[i] = 0.0
+                    bad[i] = False
+                    bar.update(1)
+            active = [i for i in range(n) if episode[i] < episodes]
+        bar.close()
+    frames = [f for k in sorted(frames) for f in frames[k]]
+    if frames:
+        frames[0].save(gif, save_all=True, append_images=frames[1:], duration=1500, loop=0)
+        frames[0].save(gif[:-4] + ".png")
+    wins, paper_wins, invalid, steps = map(sum, zip(*gather((wins, paper_wins, invalid, steps))))
+    p = wins / total
+    return {"success": p, "se": (p * (1 - p) / total) ** 0.5, "paper_success": paper_wins / total,
+            "invalid_rate": invalid / max(steps, 1), "episodes": total}
+
+
+def evaluations(agent, env_cls, cfg, when, tag):
+    """Held-out success, sampled at the training temperature and greedy, printed; None without
+    episodes. With --render, the sampled evaluation's episodes go to episodes-<tag>.gif."""
+    if not cfg.eval_episodes:
+        return None
+    gif = os.path.join(cfg.out_dir, f"episodes-{tag}.gif") if cfg.render else ""
+    sampled = evaluate(agent, env_cls, cfg, cfg.eval_episodes, greedy=False, gif=gif)
+    greedy = evaluate(agent, env_cls, cfg, cfg.eval_episodes, greedy=True)
+    if world()[0] == 0:
+        print(f"{when}: success {sampled['success']:.3f} (greedy {greedy['success']:.3f}), "
+              f"invalid {sampled['invalid_rate']:.1%} ({cfg.eval_episodes} held-out episodes)")
+    return {"sampled": sampled, "greedy": greedy}
+
+
+# -----------------------------------------------------------------------------
+# main: SFT, evaluate, PPO, evaluate; metrics.csv, checkpoints, summary.json, the model
+
+def main(argv=None):
+    cfg, ckpt = parse_config(argv)
+    t_start = time.time()
+    rank, ranks = init_distributed(cfg)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.csv")
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        open(metrics_path, "a").close()
+    except OSError as e:
+        sys.exit(f"vlm_rl.py: error: cannot write to --out-dir {cfg.out_dir!r}: {e.strerror}")
+    for seed in (random.seed, np.random.seed, torch.manual_seed):
+        seed(cfg.seed + 100003 * rank)  # under torchrun each rank samples its own episodes
+
+    env_cls = ENVS[cfg.env]
+    agent = load_agent(cfg, env_cls)
+    if ranks > 1:  # every rank starts from rank 0's weights (as DDP does)
+        for p in agent.parameters():
+            dist.broadcast(p.data, 0)
+    if rank == 0:
+        millions = sum(p.numel() for p in agent.parameters()) / 1e6
+        print(f"model: {cfg.model or 'built-in tiny Llava'} ({millions:.2f}M parameters), "
+              f"env: {cfg.env}, device: {cfg.device}, dtype: {cfg.dtype}")
+    trained = [p for p in agent.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, eps=1e-5)
+    runner = Runner(agent, env_cls, cfg.num_envs, cfg.seed * 1009 + rank * cfg.num_envs, cfg)
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.safetensors")
+
+    # SFT and its evaluation, or the state of the run that is resumed
+    if ckpt is None:
+        if cfg.sft_steps:
+            sft(agent, env_cls, cfg)
+        sft_eval = None
+        if cfg.total_steps:
+            sft_eval = evaluations(agent, env_cls, cfg, "after SFT", "sft")
+        state = {"config": dataclasses.asdict(cfg), "update": 0, "rows": [], "sft_eval": sft_eval}
+    else:
+        state = load_checkpoint(ckpt_path, agent, opt, runner)
+        state["config"] = dataclasses.asdict(cfg)
+        if rank == 0:
+            print(f"resuming {cfg.out_dir} after PPO update {state['update']}")
+
+    def save():
+        save_checkpoint(ckpt_path, agent, opt, runner, state)
+
+    if state["update"] == 0 and cfg.total_steps:
+        save()  # the SFT'd agent: a crash during RL never repeats SFT
+
+    # PPO, a metrics.csv row per update
+    rows = state["rows"]
+    with open(metrics_path if rank == 0 else os.devnull, "w", newline="") as f:
+        def log(row, keep=True):
+            if f.tell() == 0:
+                csv.writer(f).writerow(row)  # the header: the first row's keys
+            csv.DictWriter(f, fieldnames=list(row)).writerow(row)
+            f.flush()
+            if keep:
+                rows.append(row)
+
+        for row in rows:  # on resume: exactly the rows of the checkpoint, none twice
+            log(row, keep=False)
+        train(agent, opt, runner, cfg, state, log, save)
+
+    # The model that is saved is the one evaluated: LoRA merged, trained weights cast to --dtype.
+    merge_lora(agent.vlm)
+    cast(agent.vlm.parameters(), agent.dtype)
+    if rows:
+        final = evaluations(agent, env_cls, cfg, "after RL", "rl")
+    else:
+        final = evaluations(agent, env_cls, cfg, "evaluation", "eval")
+    before = state["sft_eval"] or final  # no RL: the saved model is the SFT model
+
+    def sampled(e, key):
+        return e and e["sampled"][key]
+
+    summary = {"sft_success": sampled(before, "success"),
+               "rl_success": sampled(final, "success"),
+               "sft_invalid_rate": sampled(before, "invalid_rate"),
+               "invalid_rate": sampled(final, "invalid_rate"),
+               "eval_episodes": cfg.eval_episodes,
+               "eval": {"sft": before, "rl": final},
+               "wall_seconds": round(time.time() - t_start, 1),
+               "config": dataclasses.asdict(cfg)}
+    if rank == 0:  # under torchrun every rank holds the same weights and figures
+        save_model(agent, os.path.join(cfg.out_dir, "model"))
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "eval")}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+# =============================================================================
+# What follows makes it run on any model and machine: the built-in tiny model, loading hub
+# models with LoRA and mixed precision, the per-family details of prompt tensors, torchrun,
+# checkpoints and the episode viewer. The method above does not depend on any of it.
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# The built-in tiny VLM: a real Llava with a BPE tokenizer trained offline
+
+def train_bpe(corpus, vocab_size, special_tokens):
+    """A byte-level BPE tokenizers.Tokenizer trained on `corpus` (a list of strings)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    return bpe
+
+
+def build_tiny_model(env_cls, seed=0):
+    """A ~0.7M-parameter LlavaForConditionalGeneration and LlavaProcessor, built without
+    downloading anything; the same code path then drives hub models."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor,
+                              PreTrainedTokenizerFast)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    # the tokenizer: the prompts, and the answers of the states a random player visits
+    rng = random.Random(seed)
+    env = env_cls()
+    corpus = [build_prompt(env, True), build_prompt(env, False)] * 20
+    for i in range(3000):
+        env.reset(seed=seed * 100003 + i)
+        for _ in range(rng.randint(0, 3)):
+            if env.step(rng.randrange(len(env.action_names)))[2]:
+                env.reset()
+        corpus.append(env.demo(0.5, rng, cot=i % 4 > 0))
+    bpe = train_bpe(corpus, 384, ["<pad>", "<s>", "</s>", "<image>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+
+    # the processor: one image token per 14-px patch, plus one (CLIP's class token)
+    size = env_cls.image_size
+    patch = 14
+    image_proc = CLIPImageProcessorPil(size={"shortest_edge": size},
+                                       crop_size={"height": size, "width": size},
+                                       image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=patch,
+                               vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1)
+
+    # the model: CLIP 64-d, 2 layers; Llama 128-d, 2 layers
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=size, patch_size=patch)
+    text = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                       num_attention_heads=4, vocab_size=len(tok), max_position_embeddings=512,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config), processor
+
+
+# -----------------------------------------------------------------------------
+# The agent: a VLM, a value head, LoRA, precision
+
+class Agent(nn.Module):
+    """The VLM policy plus a value head: an MLP on the last prompt token's final hidden state.
+    `dtype` is the compute dtype (autocast); trained tensors are float32 whatever it is."""
+
+    def __init__(self, vlm, processor, dtype=None):
+        super().__init__()
+        self.vlm = vlm
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.dtype = dtype or next(vlm.parameters()).dtype
+        hidden = vlm.config.get_text_config().hidden_size
+        self.value_head = nn.Sequential(nn.Linear(hidden, 256), nn.Tanh(), nn.Linear(256, 1))
+        # Placeholder tokens (<image>) are never sampled (the next forward pass would find more
+        # image tokens than images) nor scored. The processor's name for one can differ from the
+        # model's (Gemma3): take both.
+        ids = {getattr(vlm.config, f"{m}_token_{s}", None)
+               for m in ("image", "video") for s in ("id", "index")}
+        for name in ("image_token", "video_token"):
+            if getattr(processor, name, None):
+                ids.add(self.tokenizer.convert_tokens_to_ids(getattr(processor, name)))
+        self.suppress = sorted(ids - {None})
+        self.stop_ids = end_of_turn_ids(vlm, processor)
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    def autocast(self):
+        enabled = self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+
+def end_of_turn_ids(vlm, processor):
+    """Every id that ends a reply, the one SFT teaches first. Chat models have their own (Qwen
+    <|im_end|>, Gemma <end_of_turn>, Llama-3 <|eot_id|>), named by the chat template and the
+    generation config."""
+    tok = processor.tokenizer
+    ids = []
+    try:  # the token the chat template writes right after an assistant reply, if a special one
+        turn = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "XQZ"}]}]
+        after = processor.apply_chat_template(turn).split("XQZ", 1)[1]
+        end = tok(after, add_special_tokens=False).input_ids[:1]
+        special = set(tok.all_special_ids)
+        added = tok.get_added_vocab()
+        ids += [i for i in end if i in special or tok.convert_ids_to_tokens(i) in added]
+    except Exception:  # no chat template (the tiny model), or one without assistant turns
+        pass
+    eos = vlm.generation_config.eos_token_id  # None, an id or a list of ids
+    ids += eos if isinstance(eos, list) else [eos]
+    ids.append(tok.eos_token_id)
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A x, with W frozen and B = 0 at the start (Hu et al. 2021).
+    A and B are float32 whatever W's dtype: an update below bf16's resolution must not vanish."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        device = base.weight.device
+        a = torch.randn(rank, base.in_features, device=device) / base.in_features ** 0.5
+        self.A = nn.Parameter(a)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
+
+    def merged(self):
+        """The plain nn.Linear with the adapter folded in (in float32, then cast once)."""
+        w = self.base.weight
+        delta = self.scale * (self.B @ self.A).detach().float()
+        w.data = (w.data.float() + delta).to(w.dtype)
+        return self.base
+
+
+def add_lora(vlm, rank, alpha):
+    """Adapters on every linear layer but lm_head (vision tower and projector included, as in
+    the paper's code); all original weights frozen."""
+    vlm.requires_grad_(False)
+    head = vlm.get_output_embeddings()
+    for module in list(vlm.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child is not head:
+                setattr(module, name, LoRALinear(child, rank, alpha))
+
+
+def merge_lora(vlm):
+    for module in list(vlm.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+
+
+UNSUPPORTED = {
+    "mllama": "its 4-D cross-attention mask is not extended over answer tokens when scoring",
+    "florence2": "encoder-decoder models are not scored (the answer log-prob assumes a "
+                 "decoder-only VLM)",
+}
+
+
+def load_agent(cfg, env_cls):
+    """The VLM (frozen weights in --dtype), optional LoRA adapters, the value head; every
+    trained tensor in float32. Generation is reset to plain sampling from softmax(logits / T)."""
+    from transformers import GenerationConfig
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.model:
+        vlm, processor = load_hub_model(cfg.model, dtype)
+    else:
+        vlm, processor = build_tiny_model(env_cls, cfg.seed)
+    if cfg.gradient_checkpointing:
+        enable = getattr(vlm, "activation_checkpointing_enable", None)
+        (enable or vlm.gradient_checkpointing_enable)()
+    cast(vlm.parameters(), dtype)
+    if cfg.lora_rank:
+        add_lora(vlm, cfg.lora_rank, cfg.lora_alpha)
+        # the tiny model's output layer is random too: frozen, it caps the logits' scale
+        vlm.get_output_embeddings().requires_grad_(not cfg.model)
+    agent = Agent(vlm, processor, dtype)
+    # Published generation configs (top_k, repetition_penalty, ...) would change the sampled
+    # distribution away from softmax(logits / T): replace the whole config (end ids read above).
+    vlm.generation_config = GenerationConfig()
+    head = os.path.join(cfg.model, "value_head.safetensors")
+    if cfg.model and os.path.exists(head):
+        agent.value_head.load_state_dict(load_file(head))
+    cast([p for p in agent.parameters() if p.requires_grad], torch.float32)  # float32 masters
+    return agent.to(cfg.device)
+
+
+def load_hub_model(name, dtype):
+    """A hub id or local directory -> (VLM, processor); a clear one-line error if it fails."""
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    hub_logging.set_verbosity_error()  # one error line below instead of a retry log
+    try:
+        model_type = AutoConfig.from_pretrained(name).model_type
+        if model_type in UNSUPPORTED:
+            sys.exit(f"vlm_rl.py: error: {model_type} models are not supported: "
+                     f"{UNSUPPORTED[model_type]}")
+        vlm = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(name)
+    except Exception as e:  # missing path, no network, unsupported architecture...
+        sys.exit(f"vlm_rl.py: error: cannot load model {name!r}: {str(e).splitlines()[0]}")
+    return vlm, processor
+
+
+def cast(params, dtype):
+    """Parameters only: buffers such as RoPE frequencies keep the dtype the model gave them."""
+    for p in params:
+        p.data = p.data.to(dtype)
+
+
+def save_model(agent, model_dir):
+    """save_pretrained (it loads with transformers alone) plus value_head.safetensors."""
+    agent.vlm.save_pretrained(model_dir)
+    agent.processor.save_pretrained(model_dir)
+    head = {k: v.contiguous() for k, v in agent.value_head.state_dict().items()}
+    save_file(head, os.path.join(model_dir, "value_head.safetensors"))
+
+
+# -----------------------------------------------------------------------------
+# Prompt tensors of every VLM family: chat templates, left padding, per-token extras
+
+def prompt_text(processor, prompt):
+    """The prompt in the model's chat template (one image, one user turn), if it has one."""
+    if getattr(processor, "chat_template", None):
+        content = [{"type": "image"}, {"type": "text", "text": prompt}]
+        msg = [{"role": "user", "content": content}]
+        return processor.apply_chat_template(msg, add_generation_prompt=True)
+    return f"{processor.image_token}\n{prompt}\n"
+
+
+def encode_prompts(agent, images, text):
+    """Left-padded prompt batch: one image per environment; one prompt text for all, or one each."""
+    texts = [text] * len(images) if isinstance(text, str) else text
+    bos = agent.tokenizer.bos_token  # a chat template that already wrote BOS must not get two
+    has_bos = bool(bos) and texts[0].startswith(bos)
+    return agent.processor(images=[[im] for im in images], text=texts, return_tensors="pt",
+                           padding=True, padding_side="left", add_special_tokens=not has_bos)
+
+
+def prompt_sample(inputs, j, answer, action_start=0):
+    """A Sample of row j of a processor's prompt batch, on the CPU: the per-token tensors without
+    their left padding, and the rest (pixels, image sizes, ...) with a batch dimension of 1."""
+    keep = inputs["attention_mask"][j].bool()
+    prompt = {}
+    extra = {}
+    for k, v in inputs.items():
+        if k in ("attention_mask", "labels"):  # collate rebuilds the mask; PaliGemma's SFT labels
+            continue
+        if v.shape == inputs["input_ids"].shape:
+            prompt[k] = v[j][keep].cpu()
+        elif k == "pixel_values" and "image_grid_thw" in inputs:
+            # Qwen-VL: [patches of all images, D], one image a prompt
+            sizes = inputs["image_grid_thw"].prod(-1).tolist()
+            extra[k] = v.split(sizes)[j].cpu()
+        else:
+            extra[k] = v[j:j + 1].cpu()
+    return Sample(prompt, extra, answer, action_start)
+
+
+# Per-token processor outputs (besides input_ids, attention_mask) and the value that generate()
+# gives them at sampled tokens, so that scoring sees what sampling saw. A missing one: collate
+# fails with a KeyError.
+ANSWER_TOKEN_FILL = {
+    "mm_token_type_ids": 0,              # Qwen-VL: text (its 3-D RoPE positions come from it)
+    "token_type_ids": 0,                 # Gemma3: 0 = text, as generate() repeats it
+    ("paligemma", "token_type_ids"): 1,  # PaliGemma: causal suffix; 0 would join the prefix
+}
+
+
+def collate(agent, batch, device):
+    """Join left-padded prompts and right-padded answers: (inputs with [B, P + M] tensors, P).
+    Other per-token tensors are padded alike, then filled over the answer (ANSWER_TOKEN_FILL)."""
+    pad = agent.tokenizer.pad_token_id or 0
+    model_type = agent.vlm.config.model_type
+    P = max(len(s.prompt["input_ids"]) for s in batch)
+    M = max(len(s.answer) for s in batch)
+    inputs = {k: torch.zeros(len(batch), P + M, dtype=v.dtype) for k, v in batch[0].prompt.items()}
+    inputs["input_ids"].fill_(pad)
+    inputs["attention_mask"] = torch.zeros(len(batch), P + M, dtype=torch.long)
+    for b, s in enumerate(batch):
+        p = len(s.prompt["input_ids"])
+        a = len(s.answer)
+        for k, v in s.prompt.items():
+            inputs[k][b, P - p:P] = v
+        inputs["input_ids"][b, P:P + a] = s.answer
+        inputs["attention_mask"][b, P - p:P + a] = 1
+    for k in inputs.keys() - {"input_ids", "attention_mask"}:
+        key = (model_type, k) if (model_type, k) in ANSWER_TOKEN_FILL else k
+        inputs[k][:, P:] = ANSWER_TOKEN_FILL[key]
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    for k in batch[0].extra:
+        v = torch.cat([s.extra[k] for s in batch]).to(device)
+        inputs[k] = v.to(agent.dtype) if v.is_floating_point() else v
+    return inputs, P
+
+
+# -----------------------------------------------------------------------------
+# Data parallelism (as nanoGPT): inactive unless torchrun launched this process
+
 def init_distributed(cfg):
-    """(rank, world size) from torchrun's environment; NCCL with one GPU per local rank, gloo on the CPU."""
+    """(rank, world size) from torchrun's environment; NCCL with a GPU per local rank, or gloo."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1
     if cfg.device.startswith("cuda"):
@@ -180,578 +1213,86 @@ def init_distributed(cfg):
     dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     return world()
 
+
 def world():
     """(rank, number of processes): (0, 1) unless torchrun launched this one."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
 
 def gather(x):
     """[x of every rank], in rank order ([x] in a single process)."""
     out = [x] * world()[1]
-    dist.is_initialized() and dist.all_gather_object(out, x)
+    if dist.is_initialized():
+        dist.all_gather_object(out, x)
     return out
+
 
 def average_gradients(params):
     """Each gradient -> its mean over the ranks (with LoRA only the adapters travel)."""
-    for grad in [p.grad for p in params if p.grad is not None] if dist.is_initialized() else []:
-        dist.all_reduce(grad)
-        grad /= dist.get_world_size()
-
-# --- prompt: task, legal actions, answer format (CoT fields first, then the action) ---
-def build_prompt(env, cot=True):
-    actions = " or ".join(f'"{a}"' for a in env.action_names)
-    return (f"{env.task} Legal actions: {actions}. Reply with JSON only: "
-            f'{{{env.cot_fields + ", " if cot else ""}"action": {actions}}}')
-
-def prompt_text(processor, prompt):
-    """Wrap the prompt in the model's chat template (one image, one user turn) if it has one."""
-    if getattr(processor, "chat_template", None):
-        msg = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(msg, add_generation_prompt=True)
-    return f"{processor.image_token}\n{prompt}\n"
-
-# --- parser: answer text -> legal action ---
-ACTION_RE = re.compile(r'"action"\s*:\s*"([^"\n]{0,40})"')
-
-def parse_action(text, action_names):
-    """Return (action index or None if invalid, character offset where `"action"` starts). The first
-    `"action": "<value>"` in the text wins; the value must equal a legal action name (case and surrounding spaces
-    ignored). No match -> (None, len(text)): every token is a thought token. The text is only matched, never run."""
-    m = ACTION_RE.search(text[:4096])  # answers are short; bound the work on hostile text
-    if m is None:
-        return None, len(text)
-    value, names = m.group(1).strip().lower(), [a.lower() for a in action_names]
-    return (names.index(value) if value in names else None), m.start()
-
-# --- the built-in tiny VLM: a real Llava with a BPE tokenizer trained offline ---
-def build_tiny_model(env_cls, seed=0):
-    """A ~0.7M-parameter LlavaForConditionalGeneration + LlavaProcessor, built without
-    downloading anything; the same code path then drives hub models."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, PreTrainedTokenizerFast)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    rng, env = random.Random(seed), env_cls()
-    corpus = [build_prompt(env, True), build_prompt(env, False)] * 20
-    for i in range(3000):  # answers of the states a random player visits
-        env.reset(seed=seed * 100003 + i)
-        for _ in range(rng.randint(0, 3)):
-            if env.step(rng.randrange(len(env.action_names)))[2]:
-                env.reset()
-        corpus.append(env.demo(0.5, rng, cot=i % 4 > 0))
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=384, special_tokens=["<pad>", "<s>", "</s>", "<image>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                  extra_special_tokens={"image_token": "<image>"})
-    size, patch = env_cls.image_size, 14
-    image_proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                       image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=patch,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=size, patch_size=patch),
-        text_config=LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                                vocab_size=len(tok), max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-        vision_feature_select_strategy="default")
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config), processor
-
-class Agent(nn.Module):
-    """The VLM policy plus a value head: an MLP on the last prompt token's final hidden state.
-    `dtype` is the compute dtype (autocast); trained tensors are float32 whatever it is."""
-
-    def __init__(self, vlm, processor, dtype=None):
-        super().__init__()
-        self.vlm, self.processor, self.tokenizer = vlm, processor, processor.tokenizer
-        self.dtype = dtype or next(vlm.parameters()).dtype
-        self.value_head = nn.Sequential(nn.Linear(vlm.config.get_text_config().hidden_size, 256), nn.Tanh(),
-                                        nn.Linear(256, 1))
-        # Placeholder tokens (<image>) are never sampled (the next forward pass would find more image tokens than
-        # images) nor scored. The processor's name for one can differ from the model's (Gemma3): take both.
-        ids = {getattr(vlm.config, f"{m}_token_{s}", None) for m in ("image", "video") for s in ("id", "index")}
-        ids |= {self.tokenizer.convert_tokens_to_ids(getattr(processor, t)) for t in ("image_token", "video_token")
-                if getattr(processor, t, None)}
-        self.suppress = sorted(ids - {None})
-        self.stop_ids = end_of_turn_ids(vlm, processor)
-
-    device = property(lambda self: next(self.parameters()).device)
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-
-def end_of_turn_ids(vlm, processor):
-    """Every id that ends a reply, the one SFT teaches first: chat models have their own (Qwen <|im_end|>,
-    Gemma <end_of_turn>, Llama-3 <|eot_id|>), named by the chat template and the generation config."""
-    tok, ids = processor.tokenizer, []
-    try:  # the token the chat template writes right after an assistant reply, if it is a special one
-        turn = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "XQZ"}]}]
-        end = tok(processor.apply_chat_template(turn).split("XQZ", 1)[1], add_special_tokens=False).input_ids
-        ids += [i for i in end[:1] if i in tok.all_special_ids or tok.convert_ids_to_tokens(i) in tok.get_added_vocab()]
-    except Exception:  # no chat template (the tiny model), or one that cannot render an assistant turn
-        pass
-    eos = vlm.generation_config.eos_token_id  # None, an id or a list of ids
-    ids += (eos if isinstance(eos, list) else [eos]) + [tok.eos_token_id]
-    return list(dict.fromkeys(i for i in ids if i is not None))
-
-class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) * B A x, with W frozen and B = 0 at the start (Hu et al. 2021).
-    A and B are float32 whatever W's dtype is: an update below bf16's resolution must not round away."""
-
-    def __init__(self, base, rank, alpha):
-        super().__init__()
-        self.base, self.scale = base, alpha / rank
-        self.A = nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / base.in_features ** 0.5)
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
-
-    def merged(self):
-        """The plain nn.Linear with the adapter folded in (in float32, then cast once)."""
-        w = self.base.weight
-        w.data = (w.data.float() + self.scale * (self.B @ self.A).detach().float()).to(w.dtype)
-        return self.base
-
-def add_lora(vlm, rank, alpha):
-    """Adapters on every linear layer but lm_head (vision tower and projector included, as in the
-    paper's code); all original weights frozen."""
-    vlm.requires_grad_(False)
-    head = vlm.get_output_embeddings()
-    for module in list(vlm.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child is not head:
-                setattr(module, child_name, LoRALinear(child, rank, alpha))
-
-def merge_lora(vlm):
-    for module in list(vlm.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(module, child_name, child.merged())
-
-UNSUPPORTED = {"mllama": "its 4-D cross-attention mask is not extended over answer tokens when scoring",
-               "florence2": "encoder-decoder models are not scored (the answer log-prob assumes a decoder-only VLM)"}
-
-def load_agent(cfg, env_cls):
-    """The VLM (frozen weights in --dtype), optional LoRA adapters, the value head; every trained
-    tensor in float32. Generation is reset to plain sampling from softmax(logits / T)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
-    dtype = getattr(torch, cfg.dtype)
-    if not cfg.model:
-        vlm, processor = build_tiny_model(env_cls, cfg.seed)
-    else:
-        from huggingface_hub.utils import logging as hub_logging
-        hub_logging.set_verbosity_error()  # one error line below instead of a retry log
-        try:
-            model_type = AutoConfig.from_pretrained(cfg.model).model_type
-            if model_type in UNSUPPORTED:
-                sys.exit(f"vlm_rl.py: error: {model_type} models are not supported: {UNSUPPORTED[model_type]}")
-            vlm = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
-            processor = AutoProcessor.from_pretrained(cfg.model)
-        except Exception as e:  # missing path, no network, unsupported architecture...
-            sys.exit(f"vlm_rl.py: error: cannot load model {cfg.model!r}: {str(e).splitlines()[0]}")
-    if cfg.gradient_checkpointing:
-        (getattr(vlm, "activation_checkpointing_enable", None) or vlm.gradient_checkpointing_enable)()
-    cast(vlm.parameters(), dtype)
-    if cfg.lora_rank:
-        add_lora(vlm, cfg.lora_rank, cfg.lora_alpha)
-        # the tiny model is random, its output layer too: frozen, it caps the logits' scale (loss stays > 3)
-        vlm.get_output_embeddings().requires_grad_(not cfg.model)
-    agent = Agent(vlm, processor, dtype)
-    # Published generation configs (top_k, repetition_penalty, ...) would change the sampled
-    # distribution away from softmax(logits / T): replace the whole config (end ids read above).
-    vlm.generation_config = GenerationConfig()
-    if cfg.model and os.path.exists(head := os.path.join(cfg.model, "value_head.safetensors")):
-        agent.value_head.load_state_dict(load_file(head))
-    cast([p for p in agent.parameters() if p.requires_grad], torch.float32)  # float32 masters of what trains
-    return agent.to(cfg.device)
-
-def cast(params, dtype):
-    """Parameters only: buffers such as RoPE frequencies keep the dtype the model gave them."""
+    if not dist.is_initialized():
+        return
     for p in params:
-        p.data = p.data.to(dtype)
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
 
-# --- rollout: one batched generate call samples every environment's answer ---
-def encode_prompts(agent, images, text):
-    """Left-padded prompt batch: one image per environment; one prompt text for all, or one each."""
-    texts = [text] * len(images) if isinstance(text, str) else text
-    bos = agent.tokenizer.bos_token  # a chat template that already wrote BOS must not get a second
-    return agent.processor(images=[[im] for im in images], text=texts, return_tensors="pt", padding=True,
-                           padding_side="left", add_special_tokens=not (bos and texts[0].startswith(bos)))
 
-def sampling_kwargs(agent, temperature, max_new_tokens):
-    """generate() settings that sample from exactly softmax(logits / T): no top-k (transformers' default
-    is 50), no top-p, no repetition penalty. T = 0: greedy."""
-    sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
-    return dict(**sample, repetition_penalty=1.0, max_new_tokens=max_new_tokens, suppress_tokens=agent.suppress or None,
-                eos_token_id=agent.stop_ids, pad_token_id=agent.tokenizer.pad_token_id)  # batches need a pad token
+# -----------------------------------------------------------------------------
+# Checkpoints: safetensors and JSON, so that loading one runs no code
 
-@torch.no_grad()
-def generate(agent, inputs, temperature, max_new_tokens):
-    """Sample one answer per prompt; returns a list of 1-D token tensors, each cut after its
-    first end-of-turn token (an answer without one was cut by the length limit)."""
-    with agent.autocast():
-        out = agent.vlm.generate(**inputs, **sampling_kwargs(agent, temperature, max_new_tokens))
-    answers = out[:, inputs["input_ids"].shape[1]:].cpu()  # [B, M]
-    ends = torch.isin(answers, torch.tensor(agent.stop_ids)).int()
-    lengths = torch.where(ends.any(1), ends.argmax(1) + 1, answers.shape[1])
-    return [a[:n] for a, n in zip(answers, lengths.tolist())]
-
-# what one batched step of the environments returns, one entry per environment stepped
-Step = collections.namedtuple("Step", "samples rewards dones truncated successes invalid final_obs")
-
-class Runner:
-    """Steps a list of environments with the agent; auto-resets finished episodes. Env i is first dealt
-    from seed + i * stride, later deals from its own RNG; with fresh_seeds every deal takes the next seed."""
-
-    def __init__(self, agent, env_cls, n, seed, cfg, fresh_seeds=False, stride=1):
-        self.agent, self.cfg, self.temperature = agent, cfg, cfg.temperature
-        self.seeds, self.fresh, self.rng = itertools.count(seed, stride), fresh_seeds, random.Random(seed)
-        self.envs = [env_cls() for _ in range(n)]
-        self.obs = [e.reset(seed=next(self.seeds))[0] for e in self.envs]
-        self.text = prompt_text(agent.processor, build_prompt(env_cls(), not cfg.no_cot))
-
-    def step(self, idx=None):
-        """Act in envs `idx` (default all): sample answers, parse them, step the games."""
-        idx = range(len(self.envs)) if idx is None else idx
-        inputs = encode_prompts(self.agent, [self.obs[i] for i in idx], self.text).to(self.agent.device)
-        answers = generate(self.agent, inputs, self.temperature, self.cfg.max_new_tokens)
-        texts = self.agent.tokenizer.batch_decode(answers, skip_special_tokens=True)
-        out = []
-        for j, i in enumerate(idx):
-            env, (action, split) = self.envs[i], parse_action(texts[j], self.envs[i].action_names)
-            invalid = action is None or answers[j][-1].item() not in self.agent.stop_ids  # cut off: invalid too
-            action = self.rng.randrange(len(env.action_names)) if invalid else action
-            final_obs, reward, term, trunc, info = env.step(action)
-            self.obs[i] = env.reset(seed=next(self.seeds) if self.fresh else None)[0] if term or trunc else final_obs
-            out.append(({**prompt_sample(inputs, j), "answer": answers[j], "split": split},
-                        reward - self.cfg.invalid_penalty * invalid, term or trunc, trunc and not term,
-                        info["success"], invalid, final_obs))
-        return Step(*map(list, zip(*out)))  # per env -> per field
-
-# --- log-probs: lambda-weighted answer log-prob, action split from the decoded text ---
-def action_token_mask(tokenizer, answer_ids, split_chars):
-    """[B, M] bool: True for the action part, the token holding character `split_chars[b]` of the decoded answer
-    and all after it. Found by decoding prefixes (binary search: a longer prefix never decodes shorter), so it
-    needs no knowledge of token ids (the original code hard-coded them)."""
-    M = max(len(a) for a in answer_ids)
-    mask = torch.zeros(len(answer_ids), M, dtype=torch.bool)
-    for b, (ids, split) in enumerate(zip(answer_ids, split_chars)):
-        ids = list(ids)  # the first k whose prefix ids[:k + 1] decodes past character `split`:
-        first = bisect.bisect_left(range(len(ids)), True,
-                                   key=lambda k: len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True)) > split)
-        mask[b, first:len(ids)] = True
-    return mask
-
-def answer_logprob(token_logp, action_mask, valid, thought_coef):
-    """log pi = lambda * sum(thought token log-probs) + sum(action token log-probs).  [B, M] -> [B]
-    torch.where (not a product) so that -inf at padded positions cannot turn into NaN."""
-    weight = torch.where(action_mask, 1.0, thought_coef)
-    return torch.where(valid, token_logp * weight, 0.0).sum(-1)
-
-# Per-token processor outputs (besides input_ids, attention_mask) and the value generate() gives them at sampled
-# tokens (_update_model_kwargs_for_generation), so that scoring sees what sampling saw; a missing one: collate fails.
-ANSWER_TOKEN_FILL = {
-    "mm_token_type_ids": 0,              # Qwen-VL: text (its 3-D RoPE positions are built from it)
-    "token_type_ids": 0,                 # Gemma3: 0 = text, the value generate() repeats from the last prompt token
-    ("paligemma", "token_type_ids"): 1,  # PaliGemma: causal suffix; 0 would join the bidirectional prefix
-}
-
-def prompt_sample(inputs, j):
-    """Row j of a processor's prompt batch, on the CPU: what a stored sample keeps. "prompt": the
-    per-token tensors without their left padding; "extra": the rest (pixels, image sizes, ...),
-    each with a batch dimension of its own, for torch.cat in collate."""
-    keep = inputs["attention_mask"][j].bool()
-    sample = {"prompt": {}, "extra": {}}
-    for k, v in inputs.items():
-        if k in ("attention_mask", "labels"):  # all ones once unpadded (collate rebuilds it); PaliGemma's SFT targets
-            continue
-        if v.shape == inputs["input_ids"].shape:
-            sample["prompt"][k] = v[j][keep].cpu()
-        elif k == "pixel_values" and "image_grid_thw" in inputs:  # Qwen-VL: [patches of all images, D]
-            sample["extra"][k] = v.split(inputs["image_grid_thw"].prod(-1).tolist())[j].cpu()  # 1 image a prompt
-        else:
-            sample["extra"][k] = v[j:j + 1].cpu()
-    return sample
-
-def collate(agent, batch, device):
-    """Join left-padded prompts with right-padded answers: input [B, P + M], answers [B, M].
-    Other per-token tensors are padded alike, then filled over the answer from ANSWER_TOKEN_FILL."""
-    pad, model = agent.tokenizer.pad_token_id or 0, agent.vlm.config.model_type
-    P, M = max(len(s["prompt"]["input_ids"]) for s in batch), max(len(s["answer"]) for s in batch)
-    inputs = {k: torch.zeros(len(batch), P + M, dtype=v.dtype) for k, v in batch[0]["prompt"].items()}
-    inputs["input_ids"].fill_(pad)
-    inputs["attention_mask"] = torch.zeros(len(batch), P + M, dtype=torch.long)
-    for b, s in enumerate(batch):
-        p, a = len(s["prompt"]["input_ids"]), len(s["answer"])
-        for k, v in s["prompt"].items():
-            inputs[k][b, P - p:P] = v
-        inputs["input_ids"][b, P:P + a] = s["answer"]
-        inputs["attention_mask"][b, P - p:P + a] = 1
-    for k in inputs.keys() - {"input_ids", "attention_mask"}:
-        inputs[k][:, P:] = ANSWER_TOKEN_FILL[(model, k) if (model, k) in ANSWER_TOKEN_FILL else k]
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    for k in batch[0]["extra"]:
-        v = torch.cat([s["extra"][k] for s in batch]).to(device)
-        inputs[k] = v.to(agent.dtype) if v.is_floating_point() else v
-    return inputs, P
-
-Scored = collections.namedtuple("Scored", "token_logp entropy valid value")  # [B, M] x 3, [B]
-
-def score(agent, batch, temperature):
-    """One forward pass over prompt + answer: token log-probs under softmax(logits / T), their entropies, the
-    answer mask and the values. Only the last M + 1 positions get logits: no [B, P + M, V] tensor for the prompt."""
-    inputs, P = collate(agent, batch, agent.device)
-    M = inputs["input_ids"].shape[1] - P
-    with agent.autocast():
-        out = agent.vlm(**inputs, logits_to_keep=M + 1, output_hidden_states=True)
-        value = agent.value_head(out.hidden_states[-1][:, P - 1]).squeeze(-1).float()  # last prompt token
-    logits = out.logits[:, :-1].float() / temperature  # [B, M, V] predicts answer tokens
-    logits[..., agent.suppress] = float("-inf")  # never sampled either (an empty list: no-op)
-    logp = torch.log_softmax(logits, -1)
-    answers = inputs["input_ids"][:, P:]  # [B, M]
-    token_logp = logp.gather(-1, answers.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp.masked_fill(logp.isinf(), 0)).sum(-1)  # suppressed ids: 0, not NaN
-    return Scored(token_logp, entropy, inputs["attention_mask"][:, P:].bool(), value)
-
-@torch.no_grad()
-def value_of(agent, images, text):
-    """V(s) of observations [B]: a stand-in one-token answer; only the value is read."""
-    inputs, end = encode_prompts(agent, images, text), torch.tensor(agent.stop_ids[:1])
-    return score(agent, [{**prompt_sample(inputs, j), "answer": end} for j in range(len(images))], 1.0).value.cpu()
-
-# --- GAE over env steps (names follow CleanRL's ppo.py) ---
-def gae(rewards, values, dones, next_value, gamma, gae_lambda):
-    """rewards, values, dones: [S, E]; dones[t] = the episode ended at step t; next_value: [E]."""
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = 0
-    for t in reversed(range(rewards.shape[0])):
-        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
-        nextnonterminal = 1.0 - dones[t]
-        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
-        lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
-        advantages[t] = lastgaelam
-    return advantages, advantages + values
-
-PPOLoss = collections.namedtuple("PPOLoss", "loss pg_loss v_loss stats")
-
-def ppo_loss(logp, old_logp, advantages, values, returns, clip, vf_coef, old_values=None, value_clip=0.0):
-    """Clipped surrogate (Schulman et al. 2017) + value loss, on whole answers. With value_clip,
-    the value loss is the larger of the plain and the clipped squared error (the paper's code)."""
-    logratio = logp - old_logp
-    ratio = logratio.exp()
-    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
-    v_loss = (values - returns) ** 2
-    if value_clip:
-        clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
-        v_loss = torch.max(v_loss, (clipped - returns) ** 2)
-    v_loss = 0.5 * v_loss.mean()
-    with torch.no_grad():
-        stats = {"approx_kl": ((ratio - 1) - logratio).mean().item(),
-                 "clip_frac": ((ratio - 1).abs() > clip).float().mean().item()}
-    return PPOLoss(pg_loss + vf_coef * v_loss, pg_loss, v_loss, stats)
-
-# --- PPO: rollout -> GAE -> minibatch epochs ---
-def train(agent, opt, runner, cfg, state, log, save):
-    """PPO updates from state["update"] + 1 on; `save` checkpoints after every `save_every`."""
-    (S, E), (r, W) = (cfg.num_steps, cfg.num_envs), world()  # W ranks, each with its own E envs
-    updates = cfg.total_steps // (S * E * W)
-    bar = tqdm(range(state["update"] + 1, updates + 1), desc="ppo", initial=state["update"], total=updates, disable=r)
-    for update in bar:
-        t0, seconds = time.time(), collections.Counter()
-        for g in opt.param_groups:  # linear annealing (CleanRL's anneal_lr), a function of the update: resumes alike
-            g["lr"] = cfg.lr * (1 - cfg.lr_anneal * (update - 1) / updates)
-        agent.eval()
-        rewards, dones, values, old_logp = (torch.zeros(S, E) for _ in range(4))
-        samples, successes, invalid = [], [], 0
-        for t in range(S):
-            t1, step, t2 = time.time(), runner.step(), time.time()
-            with torch.no_grad():  # old log-probs and values from our own scoring pass
-                token_logp, _, valid, value = score(agent, step.samples, cfg.temperature)
-            amask = action_token_mask(agent.tokenizer, [s["answer"] for s in step.samples],
-                                      [s["split"] for s in step.samples])
-            for s, m in zip(step.samples, amask):
-                s["action_mask"] = m[:len(s["answer"])]  # [M_b]: stored with the sample for the epochs
-            old_logp[t] = answer_logprob(token_logp, amask.to(valid.device), valid, cfg.thought_coef).cpu()
-            values[t] = value.cpu()
-            rewards[t], dones[t] = torch.tensor(step.rewards), torch.tensor(step.dones, dtype=torch.float)
-            if cut := [j for j in range(E) if step.truncated[j]]:  # a time limit: bootstrap, it is no terminal
-                rewards[t, cut] += cfg.gamma * value_of(agent, [step.final_obs[j] for j in cut], runner.text)
-            successes += [s for s, d in zip(step.successes, step.dones) if d]
-            invalid, samples = invalid + sum(step.invalid), samples + step.samples
-            seconds.update(gen_seconds=t2 - t1, score_seconds=time.time() - t2)
-        next_value = value_of(agent, runner.obs, runner.text)  # the state each env is in now
-        advantages, returns = gae(rewards, values, dones, next_value, cfg.gamma, cfg.gae_lambda)
-        flat = lambda x: x.flatten().to(agent.device)  # [S * E] from here on
-        advantages, returns, old_logp, old_values = flat(advantages), flat(returns), flat(old_logp), flat(values)
-        explained_var = (1 - (returns - old_values).var() / returns.var()).item() if returns.var() > 0 else np.nan
-        if S * E > 1:  # one advantage has no spread to normalise by
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        t3 = time.time()
-        agent.train()
-        stats, grad_norms = [], []
-        for epoch in range(cfg.epochs):
-            for mb in torch.randperm(S * E).split(cfg.minibatch_size):
-                opt.zero_grad()
-                for part in mb.split(cfg.micro_batch or len(mb)):  # gradient accumulation over micro-batches
-                    batch = [samples[i] for i in part.tolist()]
-                    token_logp, entropy, valid, value = score(agent, batch, cfg.temperature)
-                    amask = nn.utils.rnn.pad_sequence([s["action_mask"] for s in batch], True).to(valid.device)
-                    logp = answer_logprob(token_logp, amask, valid, cfg.thought_coef)
-                    loss, pg, vl, st = ppo_loss(logp, old_logp[part], advantages[part], value, returns[part], cfg.clip,
-                                                cfg.vf_coef, old_values[part], cfg.value_clip)
-                    ent = torch.where(amask & valid, entropy, 0.0).sum(-1).mean()  # of the action tokens
-                    loss = loss - cfg.ent_coef * ent
-                    if not torch.isfinite(loss):  # NaN/inf in log-probs or values: stop before the step
-                        sys.exit(f"vlm_rl.py: error: non-finite loss in PPO update {update}; the last good "
-                                 f"checkpoint (update {state['update']}) is kept in {cfg.out_dir}")
-                    (loss * len(part) / len(mb)).backward()
-                    stats.append([pg.item(), vl.item(), ent.item(), st["approx_kl"], st["clip_frac"]])
-                average_gradients(opt.param_groups[0]["params"])
-                grad_norms.append(nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.max_grad_norm).item())
-                opt.step()
-        succ, inv, st, ev = zip(*gather((successes, invalid, stats, explained_var)))  # one row for all ranks
-        pg, vl, ent, kl, cf = np.mean(sum(st, []), 0)
-        row = {"update": update, "env_steps": update * S * E * W, "train_success": np.mean(sum(succ, []) or [np.nan]),
-               "invalid_rate": sum(inv) / (S * E * W), "policy_loss": pg, "value_loss": vl, "entropy": ent,
-               "approx_kl": kl, "clip_frac": cf, "explained_var": np.mean(ev), "grad_norm": np.mean(grad_norms),
-               **seconds, "ppo_seconds": time.time() - t3, "seconds": time.time() - t0}
-        log(row)
-        state["update"] = update
-        if update % cfg.save_every == 0 or update == updates:
-            save()
-        bar.set_postfix(success=f"{row['train_success']:.2f}", invalid=f"{row['invalid_rate']:.1%}",
-                        pg=f"{pg:.3f}", v=f"{vl:.3f}", kl=f"{kl:.3f}")
-
-# --- evaluation: held-out episodes, an invalid answer loses ---
-@torch.no_grad()
-def evaluate(agent, env_cls, cfg, episodes, greedy=False, gif=""):
-    """Episode k is dealt from seed EVAL_SEED + k: every evaluation of a run (after SFT or RL, sampled or greedy) plays
-    the same deals, which training never sees. An episode with an invalid answer fails. Sampling uses a forked RNG:
-    training's streams are untouched. "paper_success": total reward > 0 (the paper's measure). Under torchrun rank r
-    plays episodes r, r + W, ... (counts summed). `gif`: rank 0's first cfg.render episodes, a frame per step."""
-    agent.eval()
-    r, W = world()
-    total, episodes = episodes, len(range(r, episodes, W))  # this rank's share
-    n = min(2 * cfg.num_envs, episodes)  # no gradients to hold: a bigger batch fits
-    with torch.random.fork_rng(devices=[agent.device] if agent.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed + 100003 * r)
-        runner = Runner(agent, env_cls, n, EVAL_SEED + r, cfg, fresh_seeds=True, stride=W)
-        runner.temperature = 0.0 if greedy else cfg.temperature
-        episode, ret, bad, dealt = list(range(n)), [0.0] * n, [False] * n, n  # per env: episode, return, invalid
-        wins, paper, invalid, steps, frames = 0, 0, 0, 0, collections.defaultdict(list)  # frames: per episode
-        with tqdm(total=episodes, desc="eval greedy" if greedy else "eval", leave=False, disable=r > 0) as bar:
-            while active := [i for i in range(n) if episode[i] < episodes]:
-                shown, step = [runner.obs[i] for i in active], runner.step(active)
-                steps, invalid = steps + len(active), invalid + sum(step.invalid)
-                for j, i in enumerate(active):
-                    ret[i] += step.rewards[j]
-                    bad[i] = bad[i] or step.invalid[j]
-                    if gif and r == 0 and (k := episode[i]) < cfg.render:
-                        text = agent.tokenizer.decode(step.samples[j]["answer"], skip_special_tokens=True)
-                        frames[k].append(draw_frame(shown[j], text, f"episode {k + 1}, step {len(frames[k]) + 1}: "
-                                                    f"{'INVALID answer, a random action played; ' * step.invalid[j]}"
-                                                    f"reward {step.rewards[j]:+g}, return {ret[i]:+g}"))
-                    if step.dones[j]:
-                        wins += step.successes[j] and not bad[i]
-                        paper += ret[i] > 0
-                        # the runner has dealt env i the next seed, in this same order: that episode's number
-                        episode[i], dealt, ret[i], bad[i] = dealt, dealt + 1, 0.0, False
-                        bar.update(1)
-    if frames := [f for k in sorted(frames) for f in frames[k]]:
-        frames[0].save(gif, save_all=True, append_images=frames[1:], duration=1500, loop=0)
-        frames[0].save(gif[:-4] + ".png")
-    wins, paper, invalid, steps = map(sum, zip(*gather((wins, paper, invalid, steps))))
-    p = wins / total
-    return {"success": p, "se": (p * (1 - p) / total) ** 0.5, "paper_success": paper / total,
-            "invalid_rate": invalid / max(steps, 1), "episodes": total}
-
-def draw_frame(obs, answer, caption, width=480):
-    """A frame of the episode viewer: the game picture enlarged, the agent's answer wrapped, what happened."""
-    img = Image.new("RGB", (width, 400), "white")
-    img.paste(obs.resize((200, 200), Image.NEAREST), ((width - 200) // 2, 6))
-    lines = textwrap.wrap(answer, 62, max_lines=8, placeholder=" ...") or ["(an empty answer)"]
-    ImageDraw.Draw(img).multiline_text((8, 214), "\n".join(lines + [""] + textwrap.wrap(caption, 62)), fill="black",
-                                       font=ImageFont.load_default(size=13))
-    return img
-
-def evaluations(agent, env_cls, cfg, when, tag):
-    """Held-out success, sampled at the training temperature and greedy, printed; None without episodes."""
-    if not cfg.eval_episodes:
-        return None
-    gif = cfg.render and os.path.join(cfg.out_dir, f"episodes-{tag}.gif")  # the sampled evaluation's episodes
-    e = {mode: evaluate(agent, env_cls, cfg, cfg.eval_episodes, mode == "greedy", gif=mode == "sampled" and gif)
-         for mode in ("sampled", "greedy")}
-    world()[0] or print(f"{when}: success {e['sampled']['success']:.3f} (greedy {e['greedy']['success']:.3f}), "
-          f"invalid {e['sampled']['invalid_rate']:.1%} ({cfg.eval_episodes} held-out episodes)")
-    return e
-
-# --- SFT warm start: cross-entropy on the demonstrator's answers ---
-def sft(agent, env_cls, cfg):
-    """The demonstrator plays `sft_batch` envs; each step is one batch of (image, prompt, answer)."""
-    env_list, r = [env_cls() for _ in range(cfg.sft_batch)], world()[0]  # under torchrun: rank r's own deals
-    obs = [e.reset(seed=cfg.seed * 7919 + r * cfg.sft_batch + i)[0] for i, e in enumerate(env_list)]
-    text = prompt_text(agent.processor, build_prompt(env_list[0], not cfg.no_cot))
-    rng, noise = random.Random(cfg.seed + 100003 * r), env_cls.default_noise if cfg.demo_noise < 0 else cfg.demo_noise
-    opt = torch.optim.AdamW(params := [p for p in agent.vlm.parameters() if p.requires_grad], lr=cfg.sft_lr)
-    agent.train()
-    for step in (bar := tqdm(range(cfg.sft_steps), desc="sft", disable=r > 0)):
-        demos = [e.demo(noise, rng, cot=not cfg.no_cot) for e in env_list]
-        inputs = encode_prompts(agent, obs, text)
-        answers = [a + agent.stop_ids[:1] for a in agent.tokenizer(demos, add_special_tokens=False)["input_ids"]]
-        batch = [{**prompt_sample(inputs, j), "answer": torch.tensor(a)} for j, a in enumerate(answers)]
-        opt.zero_grad()
-        loss, tokens, micro = 0.0, sum(map(len, answers)), cfg.micro_batch or len(batch)
-        for k in range(0, len(batch), micro):  # gradient accumulation over micro-batches
-            token_logp, _, valid, _ = score(agent, batch[k:k + micro], 1.0)
-            part = -token_logp[valid].sum() / tokens  # the mean is over every answer token of the batch
-            part.backward()
-            loss += part.item()
-        average_gradients(params)
-        opt.step()
-        bar.set_postfix(loss=f"{loss:.3f}")
-        for j, e in enumerate(env_list):  # the demonstrator acts on its own answer
-            o, _, term, trunc, _ = e.step(parse_action(demos[j], e.action_names)[0])
-            obs[j] = e.reset()[0] if term or trunc else o
-
-# --- outputs: metrics.csv, checkpoints, summary.json, the model (scripts/curve.py draws metrics.csv) ---
 def save_checkpoint(path, agent, opt, runner, state):
-    """What training changes (trained tensors: with LoRA adapters and value head, never the frozen base; AdamW state,
-    RNG states, games, metrics) as safetensors + JSON metadata: loading it runs no code. Written to a temporary file,
-    then renamed: never half a checkpoint. Under torchrun rank 0 writes it, with every rank's games and RNG states."""
-    cuda = agent.device.type == "cuda" and torch.cuda.get_rng_state().tolist()
-    ranks = gather({"envs": [{**vars(e), "rng": e.rng.getstate()} for e in runner.envs], "cuda_rng": cuda,
+    """What training changes: the trained tensors (with LoRA: adapters and value head, never the
+    frozen base), AdamW's state, the RNG states, the games and the metrics. Written to a
+    temporary file, then renamed: never half a checkpoint. Under torchrun rank 0 writes it, with
+    every rank's games and RNG states."""
+    cuda_rng = agent.device.type == "cuda" and torch.cuda.get_rng_state().tolist()
+    games = [{**vars(e), "rng": e.rng.getstate()} for e in runner.envs]
+    ranks = gather({"envs": games, "cuda_rng": cuda_rng,
                     "runner_rng": runner.rng.getstate(), "python_rng": random.getstate(),
-                    "numpy_rng": np.random.get_state(legacy=False), "torch_rng": torch.get_rng_state().tolist()})
-    if world()[0]:
+                    "numpy_rng": np.random.get_state(legacy=False),
+                    "torch_rng": torch.get_rng_state().tolist()})
+    if world()[0] != 0:
         return
     opt_state = opt.state_dict()
     tensors = {f"param.{k}": p for k, p in agent.named_parameters() if p.requires_grad}
-    tensors.update({f"opt.{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items()})
+    for i, s in opt_state["state"].items():
+        for k, v in s.items():
+            tensors[f"opt.{i}.{k}"] = v
     meta = {**state, "opt_groups": opt_state["param_groups"], "ranks": ranks}
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path + ".tmp",
-              metadata={"state": json.dumps(meta, default=np.ndarray.tolist)})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {"state": json.dumps(meta, default=np.ndarray.tolist)}
+    save_file(tensors, path + ".tmp", metadata=metadata)
     os.replace(path + ".tmp", path)
 
+
 def load_checkpoint(path, agent, opt, runner):
-    """The inverse of save_checkpoint; returns the run's state (config, update, rows, evaluations)."""
-    as_state = lambda s: (s[0], tuple(s[1]), s[2])  # random.Random state, back from JSON lists
+    """The inverse of save_checkpoint; returns the run's state (config, update, rows, evals)."""
+    def as_state(s):  # a random.Random state, back from JSON lists
+        return s[0], tuple(s[1]), s[2]
+
     with safe_open(path, "pt") as f:
-        meta, t = json.loads(f.metadata()["state"]), {k: f.get_tensor(k) for k in f.keys()}
-    ranks, (r, W) = meta.pop("ranks"), world()
-    if len(ranks) != W:
-        sys.exit(f"vlm_rl.py: error: --resume: that run had {len(ranks)} process(es), not {W}")
-    mine = ranks[r]
-    agent.load_state_dict({k: t[f"param.{k}"] for k, p in agent.named_parameters() if p.requires_grad}, strict=False)
+        meta = json.loads(f.metadata()["state"])
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    ranks = meta.pop("ranks")
+    rank, world_size = world()
+    if len(ranks) != world_size:
+        sys.exit(f"vlm_rl.py: error: --resume: that run had {len(ranks)} process(es), "
+                 f"not {world_size}")
+    mine = ranks[rank]
+
+    # weights and optimizer
+    params = {k: t[f"param.{k}"] for k, p in agent.named_parameters() if p.requires_grad}
+    agent.load_state_dict(params, strict=False)
     opt_state = collections.defaultdict(dict)
-    for _, i, name in (k.split(".", 2) for k in t if k.startswith("opt.")):
-        opt_state[int(i)][name] = t[f"opt.{i}.{name}"]
+    for key in t:
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            opt_state[int(i)][name] = t[key]
     opt.load_state_dict({"state": dict(opt_state), "param_groups": meta.pop("opt_groups")})
+
+    # games and random streams
     for e, s in zip(runner.envs, mine["envs"]):
         e.rng.setstate(as_state(s.pop("rng")))
         vars(e).update(s)
@@ -764,66 +1305,29 @@ def load_checkpoint(path, agent, opt, runner):
         torch.cuda.set_rng_state(torch.tensor(mine["cuda_rng"], dtype=torch.uint8))
     return meta
 
-def main(argv=None):
-    cfg, ckpt = parse_config(argv)
-    t_start, (r, W) = time.time(), init_distributed(cfg)
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        open(os.path.join(cfg.out_dir, "metrics.csv"), "a").close()
-    except OSError as e:
-        sys.exit(f"vlm_rl.py: error: cannot write to --out-dir {cfg.out_dir!r}: {e.strerror}")
-    for seed in (random.seed, np.random.seed, torch.manual_seed):
-        seed(cfg.seed + 100003 * r)  # under torchrun each rank samples its own episodes
-    agent = load_agent(cfg, env_cls := ENVS[cfg.env])
-    for p in agent.parameters() if W > 1 else []:  # ... from rank 0's weights (as DDP starts)
-        dist.broadcast(p.data, 0)
-    r or print(f"model: {cfg.model or 'built-in tiny Llava'} ({sum(p.numel() for p in agent.parameters()) / 1e6:.2f}"
-               f"M parameters), env: {cfg.env}, device: {cfg.device}, dtype: {cfg.dtype}")
-    opt = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
-    runner = Runner(agent, env_cls, cfg.num_envs, cfg.seed * 1009 + r * cfg.num_envs, cfg)
-    path = os.path.join(cfg.out_dir, "checkpoint.safetensors")
-    if ckpt is None:
-        if cfg.sft_steps:
-            sft(agent, env_cls, cfg)
-        state = {"config": dataclasses.asdict(cfg), "update": 0, "rows": [],
-                 "sft_eval": evaluations(agent, env_cls, cfg, "after SFT", "sft") if cfg.total_steps else None}
-    else:
-        state = load_checkpoint(path, agent, opt, runner)
-        state["config"] = dataclasses.asdict(cfg)
-        r or print(f"resuming {cfg.out_dir} after PPO update {state['update']}")
-    rows, save = state["rows"], lambda: save_checkpoint(path, agent, opt, runner, state)
-    if state["update"] == 0 and cfg.total_steps:
-        save()  # the SFT'd agent: a crash during RL never repeats SFT
-    with open(os.path.join(cfg.out_dir, "metrics.csv") if r == 0 else os.devnull, "w", newline="") as f:
-        def write(row):
-            if f.tell() == 0:
-                csv.writer(f).writerow(row)  # the header: the first row's keys
-            csv.DictWriter(f, fieldnames=list(row)).writerow(row)
-            f.flush()
-        for row in rows:  # on resume: exactly the rows of the checkpoint, none twice
-            write(row)
-        train(agent, opt, runner, cfg, state, lambda row: (rows.append(row), write(row)), save)
-    # The model that is saved is the one evaluated: LoRA merged, trained weights cast to --dtype.
-    merge_lora(agent.vlm)
-    cast(agent.vlm.parameters(), agent.dtype)
-    final = evaluations(agent, env_cls, cfg, "after RL" if rows else "evaluation", "rl" if rows else "eval")
-    before = state["sft_eval"] or final  # no RL: the saved model is the SFT model
-    pick = lambda e, k: e and e["sampled"][k]
-    summary = {"sft_success": pick(before, "success"), "rl_success": pick(final, "success"),
-               "sft_invalid_rate": pick(before, "invalid_rate"), "invalid_rate": pick(final, "invalid_rate"),
-               "eval_episodes": cfg.eval_episodes, "eval": {"sft": before, "rl": final},
-               "wall_seconds": round(time.time() - t_start, 1), "config": dataclasses.asdict(cfg)}
-    if r == 0:  # under torchrun every rank holds the same weights and figures: one writes them
-        model_dir = os.path.join(cfg.out_dir, "model")  # save_pretrained: loads with transformers alone
-        agent.vlm.save_pretrained(model_dir)
-        agent.processor.save_pretrained(model_dir)
-        save_file({k: v.contiguous() for k, v in agent.value_head.state_dict().items()},
-                  os.path.join(model_dir, "value_head.safetensors"))
-        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "eval")}))
-    dist.is_initialized() and dist.destroy_process_group()
-    return summary
+
+# -----------------------------------------------------------------------------
+# The episode viewer (--render): a frame per step
+
+def episode_frame(agent, step, j, shown, episode, k, ret):
+    """The frame of env j's step `step` (episode and step counted from 0)."""
+    text = agent.tokenizer.decode(step.samples[j].answer, skip_special_tokens=True)
+    what = "INVALID answer, a random action played; " if step.invalid[j] else ""
+    caption = (f"episode {episode + 1}, step {k + 1}: {what}"
+               f"reward {step.rewards[j]:+g}, return {ret:+g}")
+    return draw_frame(shown, text, caption)
+
+
+def draw_frame(obs, answer, caption, width=480):
+    """The game picture enlarged, the agent's answer wrapped, and what happened."""
+    img = Image.new("RGB", (width, 400), "white")
+    img.paste(obs.resize((200, 200), Image.NEAREST), ((width - 200) // 2, 6))
+    lines = textwrap.wrap(answer, 62, max_lines=8, placeholder=" ...") or ["(an empty answer)"]
+    lines += [""] + textwrap.wrap(caption, 62)
+    font = ImageFont.load_default(size=13)
+    ImageDraw.Draw(img).multiline_text((8, 214), "\n".join(lines), fill="black", font=font)
+    return img
+
 
 if __name__ == "__main__":
     main()

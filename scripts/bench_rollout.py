@@ -26,21 +26,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vlm_rl  # noqa: E402
 
 
-def step_samples(out):
-    """Runner.step() returns (samples, info) today and a namedtuple with .samples later."""
-    return out.samples if hasattr(out, "samples") else out[0]
-
-
 def sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def rollout_step(agent, runner, cfg):
-    samples = step_samples(runner.step())
+    samples = runner.step().samples
     with torch.no_grad():
         vlm_rl.score(agent, samples, cfg.temperature)
-    return len(samples), sum(len(s["answer"]) for s in samples)
+    return len(samples), sum(len(s.answer) for s in samples)
 
 
 def bench(agent, env_cls, cfg, n, steps, min_seconds):
