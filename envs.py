@@ -5,15 +5,27 @@ answer.
 - NumberLine: step the current number toward the target.
 - Blackjack: Gymnasium Blackjack-v1 rules (infinite deck, dealer stands on soft 17, no natural
   bonus), with its exact optimal policy by dynamic programming.
-- EZPoints / Points24: build a formula worth 12 / 24 from the cards, token by token.
+- EZPoints / Points24: build a formula worth 12 / 24 from the cards, a token per step, by the
+  paper's rules. A number not on a card, or whose cards are used up, costs -1 and takes one of
+  the formula's slots as a blank entry. "=" ends the episode: +10 if the formula (blanks
+  ignored) uses every card once and equals the target, else -1. A formula of more than 5 / 20
+  entries (blanks count) ends the episode at -1 on the next step, whatever it is. Every step
+  but "=" adds an entry, so an episode lasts at most 7 / 22 steps: no time limit is needed.
+  Success: a total reward > 0, the paper's measure (solved, with under 10 mistakes).
 
 Where this differs from the paper's code:
-- an exact evaluator, not eval: "2" "4" is not 24, and x / 0 is not well formed;
-- a time limit of 14 / 24 steps, not 300 (the longest formula allowed and "=" take 7 / 22);
+- an exact evaluator of the tokens, not eval of their text: "2" "4" is not 24, x / 0 is not
+  well formed, and 8 / (3 - 8 / 3) is 24 (eval's floats: 23.99...);
+- an over-long formula ends the episode as terminated (the paper: truncated): it is a loss, and
+  vlm_rl.py would bootstrap a truncated episode from the value of its last state;
+- EZPoints deals a second card worth 10 as any of 10, J, Q, K (the paper: always a 10);
+- our own pictures: 112 px, drawn cards, a 14-px cell per formula entry, empty for a blank (the
+  paper: 300 px card images, the formula as text);
 - vlm_rl.py scores each answer under the picture it was sampled with (the paper's update
   re-scored all of them under the first picture);
-- on a Points24 deal without a solution the demonstrator writes the cards in order, "+" between,
-  and "=" (-1, as "=" at once, which taught RL to give up).
+- the demonstrator is ours (the paper's env code has none). On a Points24 deal without a
+  solution it writes the cards in order, "+" between, and "=" (-1, as "=" at once, which taught
+  RL to give up).
 """
 import functools
 import itertools
@@ -33,7 +45,7 @@ class _Env:
     - class attributes: `name` (the --env name), `action_names` (list of str: an action is an
       index into it), `image_size` (pixels a side), `task` (the prompt's text), `cot_fields` (the
       JSON thought fields the prompt shows), `default_noise` (the demonstrator's mistake rate),
-      `max_steps` where the game has a time limit (vlm_rl.py does not read it);
+      `max_steps`: the most steps an episode lasts, where bounded (vlm_rl.py does not read it);
     - `_deal()`: a new episode's state, drawn from self.rng; `render()`: the state, a PIL image;
     - `step(action) -> (image, reward, terminated, truncated, info)` with info["success"];
       truncated only at a time limit (vlm_rl.py bootstraps from the last state's value): a loss
@@ -138,6 +150,7 @@ SUITS = ["spades", "hearts", "diamonds", "clubs"]
 VALUE = {r: min(i + 1, 10) for i, r in enumerate(RANKS)}  # an ace is 1 here, +10 when usable
 P_VALUE = {v: (4 if v == 10 else 1) / 13 for v in range(1, 11)}  # infinite deck: 10 J Q K all 10
 NUMBERS = [str(v) for v in range(1, 11)]  # EZPoints' and Points24's number tokens: a card's values
+BLANK = " "  # the formula entry of a mistaken number (the paper's; "_" in the thoughts)
 OPS = {"+": Fraction.__add__, "-": Fraction.__sub__, "*": Fraction.__mul__,
        "/": Fraction.__truediv__}
 
@@ -333,7 +346,8 @@ def solutions(values, ops, target=None):
     return out
 
 class _Formula(_Env):
-    """State: `cards`, a list of (rank, suit), and `formula`, the tokens so far."""
+    """State: `cards`, a list of (rank, suit), and `formula`, the entries so far: tokens and
+    blanks."""
 
     image_size = 112
     default_noise = 0.7  # EZPoints: as NumberLine's, SFT starts low (the paper's SFT: 23%)
@@ -345,6 +359,11 @@ class _Formula(_Env):
     def values(self):
         return [VALUE[rank] for rank, _ in self.cards]
 
+    @property
+    def written(self):
+        """The formula's tokens, blanks dropped: what "=" evaluates and what uses up cards."""
+        return [t for t in self.formula if t != BLANK]
+
     def _deal(self):
         self.cards = self._cards()
         self.formula = []
@@ -353,16 +372,17 @@ class _Formula(_Env):
 
     def step(self, action):
         token = self.action_names[self._check(action)]
-        n = len(self.formula)
+        n = len(self.formula)  # blanks included: they take slots
+        written = self.written
         values = self.values
 
         # Solved: within the length limit, every card used once, worth the target.
-        used = sorted(int(t) for t in self.formula if t in NUMBERS)
-        worth = evaluate(self.formula) == self.target
+        used = sorted(int(t) for t in written if t in NUMBERS)
+        worth = evaluate(written) == self.target
         solved = n <= self.max_len and used == sorted(values) and worth
-        no_card = token in NUMBERS and self.formula.count(token) >= values.count(int(token))
+        no_card = token in NUMBERS and written.count(token) >= values.count(int(token))
 
-        # "=" ends the episode; so does any action on a formula over max_len tokens (-1).
+        # "=" ends the episode; so does any action on a formula over max_len entries (-1).
         terminated = token == "=" or n > self.max_len
         if terminated:
             reward = 10.0 if solved else -1.0
@@ -370,74 +390,81 @@ class _Formula(_Env):
             reward = -1.0
         else:
             reward = 0.0
-        if not terminated and not no_card:
-            self.formula += [token]
+
+        # A mistaken number still takes a slot, so at most max_len - len(solution) mistakes fit.
+        if not terminated:
+            self.formula += [BLANK if no_card else token]
 
         self.steps += 1
         self.total += reward
-        self.done = terminated or self.steps >= self.max_steps
-        truncated = self.done and not terminated
-        return self.render(), reward, terminated, truncated, self.info(self.total > 0)
+        self.done = terminated
+        return self.render(), reward, terminated, False, self.info(self.total > 0)
 
     def info(self, success):
-        # success: total reward > 0, the paper's measure (only a solved episode gets there)
+        # success: total reward > 0, the paper's measure: solved, with under 10 mistakes
         return {"success": success, "cards": self.values, "formula": list(self.formula),
                 "steps": self.steps}
 
     def correct_action(self):
-        """On along the shortest solution the formula begins (in_order: in the cards' order
-        first), else "="."""
-        n = len(self.formula)
+        """On along the shortest solution that the formula's tokens begin and that still fits in
+        the slots left (in_order: in the cards' order first), else "="."""
+        written = self.written
+        n = len(written)
+        free = self.max_len - len(self.formula) + n  # slots for tokens: max_len less the blanks
         found = solutions(tuple(sorted(self.values)), self.ops, self.target)
 
         def order(plan):
             in_card_order = [int(t) for t in plan if t in NUMBERS] == self.values
             return (self.in_order and not in_card_order, len(plan))
 
-        plans = (s for s in found.get(self.target, ()) if list(s[:n]) == self.formula)
+        plans = (s for s in found.get(self.target, ()) if list(s[:n]) == written and len(s) <= free)
         plan = min(plans, key=order, default=())
 
         # No solution left (-1 whatever comes), in_order: the unused cards in order, "+" between.
         if not plan and self.in_order:
             left = [v for k, v in enumerate(self.values)
-                    if self.values[:k + 1].count(v) > self.formula.count(str(v))]
-            ends_operand = "".join(self.formula[-1:]) in NUMBERS + [")"]
-            plan = self.formula + ["+" if ends_operand else str(v) for v in left[:1]]
+                    if self.values[:k + 1].count(v) > written.count(str(v))]
+            ends_operand = "".join(written[-1:]) in NUMBERS + [")"]
+            plan = written + ["+" if ends_operand else str(v) for v in left[:1]]
         return self.action_names.index(plan[n] if len(plan) > n else "=")
 
     def cot_values(self):
         token = self.action_names[self.correct_action()]
+        complete = len(self.formula) <= self.max_len and evaluate(self.written) == self.target
         if token != "=":
             thoughts = f"next {token}"
-        elif evaluate(self.formula) == self.target:
+        elif complete:
             thoughts = "complete"
         else:
             thoughts = "stuck"
-        return [("cards", " ".join(map(str, self.values))),
-                ("formula", " ".join(self.formula) or "empty"), ("thoughts", thoughts)]
+        shown = " ".join("_" if t == BLANK else t for t in self.formula)  # a blank, visibly
+        return [("cards", " ".join(map(str, self.values))), ("formula", shown or "empty"),
+                ("thoughts", thoughts)]
 
     def render(self):
-        """The cards, then the formula: a token per 14-px cell, the tiny model's patch, 8 a row."""
+        """The cards, then the formula: an entry per 14-px cell, the tiny model's patch, 8 a row."""
         img = Image.new("RGB", (self.image_size,) * 2, (0, 110, 50))
         draw = ImageDraw.Draw(img)
         for i, card in enumerate(self.cards):
             _draw_card(draw, self.cards_at[0] + self.cards_at[1] * i, self.cards_at[2], card)
         draw.text((2, 31), "Formula:", fill="white", font=_font(10))
 
-        # Black on white, like the cards' ranks: legible to a tiny model.
+        # Black on white, like the cards' ranks: legible to a tiny model. A blank is an empty
+        # white cell: the model can see that the slot is taken.
         for k, token in enumerate(self.formula):
             x = 14 * (k % 8)
             y = 42 + 14 * (k // 8)
             draw.rectangle((x, y, x + 13, y + 13), fill="white")
-            draw.text((x + 7, y + 7), token, fill="black", font=_font(12), anchor="mm")
+            if token != BLANK:
+                draw.text((x + 7, y + 7), token, fill="black", font=_font(12), anchor="mm")
         return img
 
 class EZPoints(_Formula):
     name = "ezpoints"
     target = 12
     ops = "+*"
-    max_len = 5
-    max_steps = 14
+    max_len = 5  # 3 tokens solve it: at most 2 mistakes
+    max_steps = 7  # max_len + 1 entries, then any step ends it
     action_names = NUMBERS + list("+*=")
     task = ('Build a formula worth 12 from the 2 cards, each used once (J, Q, K are 10), token by '
             'token; "=" ends it.')
@@ -455,7 +482,7 @@ class Points24(_Formula):
     target = 24
     ops = "+-*/"
     max_len = 20
-    max_steps = 24
+    max_steps = 22
     action_names = NUMBERS + list("+-*/()=")
     task = ('Build a formula worth 24 from the 4 cards, each used once (J, Q, K are 10), token by '
             'token; "=" ends it.')
