@@ -1,16 +1,18 @@
-"""What a Blackjack agent learned: its hit/stand decision in every state, beside the exact optimum.
+"""What a Blackjack agent learned: its hit/stand decision in every state, beside the exact
+optimum.
 
-  python scripts/policy_map.py --model runs/blackjack-s1/model                  # -> runs/blackjack-s1/policy_map.png
+  python scripts/policy_map.py --model runs/blackjack-s1/model  # -> the run's policy_map.png
   python scripts/policy_map.py --model RUN/model --out map.png --hands 5 --greedy
 
-The agent is asked in every state of `envs.blackjack_optimal()`: player total 4-21 without a usable ace,
-12-21 with one, against each dealer up card A-10 (280 states). Each state is shown as `--hands` different
-concrete hands (random cards with that total; a 10-valued up card is any of 10 J Q K), rendered by
-`envs.Blackjack`; the state's action is the majority over the valid answers. Ties, and states whose every
-answer was invalid, count as "stand" in the table fed to the exact evaluation `blackjack_outcomes`;
-invalid answers are counted and marked separately. The picture: two grids per policy (usable ace above,
-no usable ace below; player total upward, dealer card across), the learned table beside the optimum,
-cells where they differ framed in black, with the table's exact win rate in the title.
+The agent is asked in every state of `envs.blackjack_optimal()`: player total 4-21 without a
+usable ace, 12-21 with one, against each dealer up card A-10 (280 states). Each state is shown as
+`--hands` different concrete hands (random cards with that total; a 10-valued up card is any of
+10 J Q K), rendered by `envs.Blackjack`; the state's action is the majority over the valid
+answers. Ties, and states whose every answer was invalid, count as "stand" in the table fed to
+the exact evaluation `blackjack_outcomes`; invalid answers are counted and marked separately.
+The picture: two grids per policy (usable ace above, no usable ace below; player total upward,
+dealer card across), the learned table beside the optimum, cells where they differ framed in
+black, with the table's exact win rate in the title.
 """
 import argparse
 import functools
@@ -30,8 +32,9 @@ TENS = ["10", "J", "Q", "K"]
 
 
 def blackjack_outcomes(policy):
-    """Exact (win, draw, loss) probabilities of playing `policy` ({(total, soft, up): 0 stand / 1 hit}, the
-    states of envs.blackjack_optimal()) from a fresh deal, by the same dealer DP as the optimum."""
+    """Exact (win, draw, loss) probabilities of playing `policy` ({(total, soft, up): 0 stand /
+    1 hit}, the states of envs.blackjack_optimal()) from a fresh deal, by the same dealer DP as
+    the optimum."""
     @functools.cache
     def play(total, soft, up):
         if total > 21:
@@ -41,20 +44,28 @@ def blackjack_outcomes(policy):
         nxt = [(p, play(*envs._add(total, soft, v), up)) for v, p in envs.P_VALUE.items()]
         return tuple(sum(p * r[i] for p, r in nxt) for i in range(3))
 
-    deals = [(pu * pa * pb, play(*envs._add(*envs._add(0, False, a), b), up))  # up card, two player cards
-             for (up, pu), (a, pa), (b, pb) in itertools.product(envs.P_VALUE.items(), repeat=3)]
+    deals = []  # (probability, outcome) of each up card and two player cards
+    for (up, pu), (a, pa), (b, pb) in itertools.product(envs.P_VALUE.items(), repeat=3):
+        hand = envs._add(*envs._add(0, False, a), b)
+        deals.append((pu * pa * pb, play(*hand, up)))
     return tuple(sum(p * r[i] for p, r in deals) for i in range(3))
 
 
 def up_card(value, rng):
     """A dealer up card of value 1..10 (10: any of 10 J Q K), random suit."""
-    rank = "A" if value == 1 else TENS[rng.randrange(4)] if value == 10 else str(value)
+    if value == 1:
+        rank = "A"
+    elif value == 10:
+        rank = TENS[rng.randrange(4)]
+    else:
+        rank = str(value)
     return rank, rng.choice(envs.SUITS)
 
 
 def make_hand(total, soft, rng, max_cards=10):
     """Random cards (at least two, at most `max_cards`: what the picture shows) with
-    envs.hand_value == (total, soft): cards are dealt one by one until the hand matches or cannot."""
+    envs.hand_value == (total, soft): cards are dealt one by one until the hand matches or
+    cannot."""
     while True:
         cards = []
         while len(cards) < max_cards:
@@ -62,42 +73,53 @@ def make_hand(total, soft, rng, max_cards=10):
             t, s = envs.hand_value(cards)
             if (t, s) == (total, soft) and len(cards) >= 2:
                 return cards
-            if t > total and (soft or not s):  # past it for good: only a soft hand can come back down, as hard
-                break
+            if t > total and (soft or not s):
+                break  # past it for good: only a soft hand can come back down, as hard
 
 
-def ask_agent(model, hands=3, temperature=0.05, max_new_tokens=None, no_cot=None, seed=0, batch=64, device="cpu"):
-    """{state: list of answers (0 stand, 1 hit, None invalid)}, `hands` per state; temperature 0 = greedy."""
+def ask_agent(model, hands=3, temperature=0.05, max_new_tokens=None, no_cot=None, seed=0,
+              batch=64, device="cpu"):
+    """{state: list of answers (0 stand, 1 hit, None invalid)}, `hands` per state;
+    temperature 0 = greedy."""
     import torch
     import vlm_rl
     run = load_run_summary(model).get("config", {})  # how the run was trained, when known
-    no_cot = run.get("no_cot", False) if no_cot is None else no_cot
-    argv = ["--env", "blackjack", "--model", model, "--device", device, "--max-new-tokens",
-            str(max_new_tokens or run.get("max_new_tokens", 80))] + ["--no-cot"] * no_cot
+    if no_cot is None:
+        no_cot = run.get("no_cot", False)
+    max_new_tokens = max_new_tokens or run.get("max_new_tokens", 80)
+    argv = ["--env", "blackjack", "--model", model, "--device", device,
+            "--max-new-tokens", str(max_new_tokens)]
+    if no_cot:
+        argv.append("--no-cot")
     cfg, _ = vlm_rl.parse_config(argv)
     agent = vlm_rl.load_agent(cfg, envs.Blackjack).eval()
-    rng, env = random.Random(seed), envs.Blackjack()
+    rng = random.Random(seed)
+    env = envs.Blackjack()
     torch.manual_seed(seed)
     text = vlm_rl.prompt_text(agent.processor, vlm_rl.build_prompt(env, not no_cot))
     queries = []  # (state, image)
     for i, (total, soft, up) in enumerate(STATES):
         for h in range(hands):
             env.reset(seed=seed * 100003 + i * hands + h)
-            env.player, env.dealer = make_hand(total, soft, rng), [up_card(up, rng), up_card(rng.randint(1, 10), rng)]
+            env.player = make_hand(total, soft, rng)
+            env.dealer = [up_card(up, rng), up_card(rng.randint(1, 10), rng)]
             queries.append(((total, soft, up), env.render()))
     answers = {s: [] for s in STATES}
     for k in range(0, len(queries), batch):
         chunk = queries[k:k + batch]
-        inputs = vlm_rl.encode_prompts(agent, [im for _, im in chunk], text).to(cfg.device)
-        out = vlm_rl.generate(agent, inputs, temperature, cfg.max_new_tokens)  # temperature 0: greedy
-        for (state, _), t in zip(chunk, agent.tokenizer.batch_decode(out, skip_special_tokens=True)):
-            answers[state].append(vlm_rl.parse_action(t, env.action_names)[0])
+        images = [im for _, im in chunk]
+        inputs = vlm_rl.encode_prompts(agent, images, text).to(cfg.device)
+        # temperature 0: greedy
+        out = vlm_rl.generate(agent, inputs, temperature, cfg.max_new_tokens)
+        texts = agent.tokenizer.batch_decode(out, skip_special_tokens=True)
+        for (state, _), t in zip(chunk, texts):
+            answers[state].append(vlm_rl.parse_action(t, env.action_names).action)
     return answers
 
 
 def majority(answers):
-    """(table {state: 0/1}, hit share among valid answers {state: float or None}, invalid counts {state: int});
-    a tie or no valid answer -> stand (0)."""
+    """(table {state: 0/1}, hit share among valid answers {state: float or None}, invalid counts
+    {state: int}); a tie or no valid answer -> stand (0)."""
     table, share, invalid = {}, {}, {}
     for s, a in answers.items():
         valid = [x for x in a if x is not None]
@@ -123,8 +145,9 @@ PALE = {HIT: (240, 178, 165), STAND: (160, 190, 232)}
 
 
 def policy_map(table, share=None, invalid=None, title="learned policy", note="", cell=24):
-    """The picture and the numbers for a learned table {(total, soft, up): 0 stand / 1 hit} that covers
-    every state of blackjack_optimal(). Returns (PIL image, {"win", "draw", "loss", "differ", "optimal_win"})."""
+    """The picture and the numbers for a learned table {(total, soft, up): 0 stand / 1 hit} that
+    covers every state of blackjack_optimal(). Returns (PIL image, {"win", "draw", "loss",
+    "differ", "optimal_win"})."""
     opt = envs.blackjack_optimal()
     missing = set(opt) - set(table)
     if missing:
@@ -136,8 +159,12 @@ def policy_map(table, share=None, invalid=None, title="learned policy", note="",
     left, gap, head = 34, 40, 20
     gw = 10 * cell  # grid width
     W = 2 * (left + gw) + gap + 10
-    text = wrap(f"exact win {win:.2%} (draw {draw:.2%}, loss {loss:.2%}); optimum {stats['optimal_win']:.2%}; "
-                f"{stats['differ']} of {len(opt)} cells differ (framed).", f, W - 20) + (wrap(note, f, W - 20) if note else [])
+    summary = (f"exact win {win:.2%} (draw {draw:.2%}, loss {loss:.2%}); "
+               f"optimum {stats['optimal_win']:.2%}; "
+               f"{stats['differ']} of {len(opt)} cells differ (framed).")
+    text = wrap(summary, f, W - 20)
+    if note:
+        text += wrap(note, f, W - 20)
     ly = 30 + 18 * len(text)  # the legend's line
     top = ly + 32
     H = top + 2 * (head + 16) + 28 * cell + gap + 30
@@ -146,7 +173,11 @@ def policy_map(table, share=None, invalid=None, title="learned policy", note="",
     d.text((10, 8), title, fill="black", font=fb)
     for k, line in enumerate(text):
         d.text((10, 28 + 18 * k), line, fill="black", font=f)
-    legend = [(HIT, "hit (H)"), (STAND, "stand (S)")] + ([(PALE[HIT], "answers split")] if share else [])
+
+    # the legend
+    legend = [(HIT, "hit (H)"), (STAND, "stand (S)")]
+    if share:
+        legend.append((PALE[HIT], "answers split"))
     x = 10
     for color, name in legend:
         d.rectangle([x, ly, x + 12, ly + 12], fill=color, outline="gray")
@@ -157,31 +188,40 @@ def policy_map(table, share=None, invalid=None, title="learned policy", note="",
     if invalid:
         d.ellipse([x, ly, x + 12, ly + 12], fill="yellow", outline="black")
         d.text((x + 16, ly - 1), "some answers invalid", fill="black", font=f)
+
+    # the grids: learned (left) and optimal (right), soft totals above hard ones
     for col, (name, tab, mine) in enumerate([("learned", table, True), ("optimal", opt, False)]):
-        x0, y = left + col * (left + gw + gap), top
+        x0 = left + col * (left + gw + gap)
+        y = top
         for soft, totals in ((True, range(21, 11, -1)), (False, range(21, 3, -1))):
-            d.text((x0, y), f"{name}, {'soft totals (usable ace)' if soft else 'hard totals'}", fill="black", font=fb)
+            kind = "soft totals (usable ace)" if soft else "hard totals"
+            d.text((x0, y), f"{name}, {kind}", fill="black", font=fb)
             y += head
             for r, total in enumerate(totals):
-                d.text((x0 - 6, y + r * cell + cell // 2), str(total), fill="black", font=small, anchor="rm")
+                d.text((x0 - 6, y + r * cell + cell // 2), str(total), fill="black", font=small,
+                       anchor="rm")
                 for c, up in enumerate(range(1, 11)):
-                    s, box = (total, soft, up), [x0 + c * cell, y + r * cell, x0 + (c + 1) * cell, y + (r + 1) * cell]
+                    s = (total, soft, up)
+                    box = [x0 + c * cell, y + r * cell, x0 + (c + 1) * cell, y + (r + 1) * cell]
                     color = HIT if tab[s] else STAND
                     if mine and share and share[s] is not None and 0 < share[s] < 1:
                         color = PALE[color]
                     d.rectangle(box, fill=color, outline="white")
-                    d.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "H" if tab[s] else "S", fill="white",
-                           font=small, anchor="mm")
+                    center = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+                    d.text(center, "H" if tab[s] else "S", fill="white", font=small, anchor="mm")
                     if tab[s] != opt[s]:
-                        d.rectangle([box[0] + 1, box[1] + 1, box[2] - 1, box[3] - 1], outline="black", width=3)
+                        d.rectangle([box[0] + 1, box[1] + 1, box[2] - 1, box[3] - 1],
+                                    outline="black", width=3)
                     if mine and invalid and invalid.get(s):
-                        d.ellipse([box[2] - 10, box[1] + 3, box[2] - 4, box[1] + 9], fill="yellow", outline="black")
+                        d.ellipse([box[2] - 10, box[1] + 3, box[2] - 4, box[1] + 9],
+                                  fill="yellow", outline="black")
             y += len(totals) * cell
             for c, up in enumerate(range(1, 11)):
-                d.text((x0 + c * cell + cell // 2, y + 3), "A" if up == 1 else str(up), fill="black", font=small,
-                       anchor="ma")
+                d.text((x0 + c * cell + cell // 2, y + 3), "A" if up == 1 else str(up),
+                       fill="black", font=small, anchor="ma")
             y += 16 + gap // 2
-    d.text((W // 2, H - 14), "rows: player total; columns: dealer's up card", fill="black", font=f, anchor="mm")
+    d.text((W // 2, H - 14), "rows: player total; columns: dealer's up card", fill="black",
+           font=f, anchor="mm")
     return img, stats
 
 
@@ -194,13 +234,15 @@ def load_run_summary(model):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--model", required=True, help="a saved agent: RUN/model")
     p.add_argument("--out", default=None, help="PNG path (default RUN/policy_map.png)")
-    p.add_argument("--hands", type=int, default=3, help="concrete hands per state (odd avoids ties)")
+    p.add_argument("--hands", type=int, default=3,
+                   help="concrete hands per state (odd avoids ties)")
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--greedy", action="store_true", help="argmax answers (temperature 0)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's own setting")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the run's own setting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--device", default="cpu")
@@ -208,21 +250,28 @@ def main(argv=None):
     if a.hands < 1:
         p.error("--hands must be >= 1")
     T = 0.0 if a.greedy else a.temperature
-    answers = ask_agent(a.model, a.hands, T, a.max_new_tokens, seed=a.seed, batch=a.batch, device=a.device)
+    answers = ask_agent(a.model, a.hands, T, a.max_new_tokens, seed=a.seed, batch=a.batch,
+                        device=a.device)
     table, share, invalid = majority(answers)
-    n_inv, n_all = sum(invalid.values()), sum(len(v) for v in answers.values())
+    n_inv = sum(invalid.values())
+    n_all = sum(len(v) for v in answers.values())
     mc = load_run_summary(a.model).get("rl_success")
-    note = (f"{a.hands} hands per state, {'greedy' if a.greedy else f'T = {T}'}; invalid answers: {n_inv} of "
-            f"{n_all} (ties, all-invalid -> stand)." + (f" The run's held-out success: {mc:.2%}." if mc else ""))
+    sampling = "greedy" if a.greedy else f"T = {T}"
+    note = (f"{a.hands} hands per state, {sampling}; invalid answers: {n_inv} of {n_all} "
+            "(ties, all-invalid -> stand).")
+    if mc:
+        note += f" The run's held-out success: {mc:.2%}."
     img, st = policy_map(table, share, invalid, title=os.path.normpath(a.model), note=note)
     out = a.out or os.path.join(os.path.dirname(os.path.normpath(a.model)), "policy_map.png")
     img.save(out)
-    print(f"exact outcome of the learned table: win {st['win']:.2%}, draw {st['draw']:.2%}, loss {st['loss']:.2%} "
-          f"(optimum: win {st['optimal_win']:.2%})")
+    print(f"exact outcome of the learned table: win {st['win']:.2%}, draw {st['draw']:.2%}, "
+          f"loss {st['loss']:.2%} (optimum: win {st['optimal_win']:.2%})")
     if mc is not None:
         print(f"the run's held-out Monte Carlo success (summary.json rl_success): {mc:.2%}")
-    print(f"{st['differ']} of {len(STATES)} cells differ from the optimum; invalid answers {n_inv} of {n_all} "
-          f"({sum(v == a.hands for v in invalid.values())} states with no valid answer, counted as stand); wrote {out}")
+    no_valid = sum(v == a.hands for v in invalid.values())
+    print(f"{st['differ']} of {len(STATES)} cells differ from the optimum; invalid answers "
+          f"{n_inv} of {n_all} ({no_valid} states with no valid answer, counted as stand); "
+          f"wrote {out}")
     return st
 
 
