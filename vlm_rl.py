@@ -3,48 +3,36 @@ vlm_rl: fine-tune a vision-language model (VLM) as a decision-making agent with 
 "Fine-Tuning Large Vision-Language Models as Decision-Making Agents via Reinforcement Learning"
 (Zhai et al., NeurIPS 2024, "RL4VLM").
 
-The method, in the order the data flows through this file:
-  1. The agent sees an image of the game and a prompt: the task, the legal actions, and the
-     answer format, JSON with chain-of-thought (CoT) fields first and "action" last.
-  2. The VLM samples an answer at temperature T; `parse_action` maps it to a legal action.
-     An unparseable, illegal or cut-off answer becomes a random legal action, flagged invalid
-     and penalised.
-  3. The answer's log-probability weighs the thought tokens by lambda (paper: 0.5):
+The method, in the order the data flows through this file (paper step -> function):
+  1. The agent sees a picture of the game and a prompt: the task, the legal actions and the
+     answer format, JSON with chain-of-thought (CoT) fields first, "action" last.  build_prompt
+  2. The VLM samples an answer at temperature T, a whole batch of games at once.  generate, Runner
+  3. A parser maps the answer to a legal action; an unparseable, illegal or cut-off answer
+     becomes a random legal action, flagged invalid and penalised.  parse_action, Runner.step
+  4. The answer's log-probability weighs the thought tokens by lambda (paper: 0.5):
          log pi(answer) = lambda * sum log p(thought tokens) + sum log p(action tokens)
-     The action part starts at the token that holds the start of `"action"`, found from the
-     decoded text, so it works with any tokenizer.
-  4. A value head (an MLP) reads the final hidden state of the last prompt token.
-  5. PPO at environment-step granularity: one whole answer is one action; GAE over env steps;
-     clipped surrogate and clipped value loss, with normalised advantages.
-  Before RL, a supervised warm start (SFT) on CoT demonstrations teaches the answer format.
-  Evaluation plays held-out episodes (deals training never sees); an invalid answer loses.
-
-Paper -> code:
-  prompt with the task, legal actions and JSON format     build_prompt
-  answer -> legal action (invalid: random, penalised)     parse_action, Runner.step
-  batched sampling at temperature T                       generate, Runner
-  where the action part starts                            action_token_mask
-  lambda-weighted log pi(answer)                          answer_logprob, score
-  value head on the last prompt token                     Agent.value_head, score
-  GAE over env steps                                      gae
-  clipped surrogate + clipped value loss                  ppo_loss
-  PPO: rollout -> GAE -> minibatch epochs                 collect_rollout, ppo_update, train
-  SFT warm start on CoT demonstrations                    sft
-  success on held-out episodes                            evaluate
+     The action part starts at the token holding the start of `"action"`, found from the
+     decoded text, so it works with any tokenizer.  action_token_mask, answer_logprob, score
+  5. A value head (an MLP) reads the final hidden state of the last prompt token.  Agent, score
+  6. PPO at env-step granularity, one whole answer one action: GAE over env steps, clipped
+     surrogate and clipped value loss, normalised advantages.  gae, ppo_loss, collect_rollout,
+     ppo_update, train
+  Before RL, a supervised warm start on CoT demonstrations teaches the format.  sft
+  Evaluation plays held-out deals that training never sees; an invalid answer loses.  evaluate
 
 Simplifications and differences from the paper's code (all deliberate):
   1. The default model is a tiny random-init Llava (CLIP + Llama) with a BPE tokenizer trained
      offline on the game's own text, so everything runs on a CPU in minutes.
   2. The SFT demonstrator reads the state right but picks a wrong action with probability
      --demo-noise, so SFT teaches format and perception, and RL must learn the decisions.
-  3. Old log-probs and values come from a scoring pass right after sampling (no reference
-     model, no KL penalty), as in the paper's code.
-  4. PPO differs from the paper's in: a constant or linearly annealed lr (paper: cosine decay),
-     AdamW minibatches of --minibatch-size (paper: 1 sample x 128 accumulation steps),
-     grad-norm clip 1.0 (paper: 0.01), and time-limit truncation bootstraps from V(last state)
-     (paper: a terminal zero). Hyperparameters are tuned for the tiny model per game (PRESETS).
-  5. With --dtype bfloat16 the frozen weights are bf16; everything trained (and its AdamW
-     state) stays float32 and matmuls run under autocast. LoRA is merged in float32.
+  3. Old log-probs and values come from a scoring pass right after sampling (no reference model,
+     no KL penalty), as in the paper's code.
+  4. A constant or linearly annealed lr (paper: cosine), AdamW minibatches of --minibatch-size
+     (paper: 1 sample x 128 accumulation steps), grad-norm clip 1.0 (paper: 0.01), time-limit
+     truncation bootstraps from V(last state) (paper: a terminal zero). Per-game PRESETS are
+     tuned for the tiny model.
+  5. With --dtype bfloat16 the frozen weights are bf16; everything trained (and its AdamW state)
+     stays float32 and matmuls run under autocast. LoRA is merged in float32.
 
 Commands (README.md has more):
   python vlm_rl.py --env numberline              # tiny model, CPU, a few minutes
@@ -73,7 +61,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -84,13 +71,10 @@ ENVS = {cls.name: cls for cls in (envs.NumberLine, envs.Blackjack, envs.EZPoints
 # Held-out evaluation episode k is dealt from seed EVAL_SEED + k; training seeds stay below.
 EVAL_SEED = 10 ** 9
 
-
-# -----------------------------------------------------------------------------
-# Config: one dataclass; its fields are the command-line flags, their help the descriptions.
+# --- Config: one dataclass; its fields are the command-line flags, their help the descriptions.
 
 def option(default, help):
     return dataclasses.field(default=default, metadata={"help": help})
-
 
 @dataclasses.dataclass
 class Config:
@@ -127,7 +111,6 @@ class Config:
     # evaluation and outputs
     eval_episodes: int | None = option(None, "held-out episodes per evaluation "
                                              "(default: the game's preset)")
-    render: int = option(0, "K > 0: evaluations also write episodes-{sft,rl}.gif of K episodes")
     seed: int = option(1, "random seed (also of the built-in model's tokenizer and weights)")
     save_every: int = option(1, "checkpoint every N PPO updates")
     resume: str = option("", "an --out-dir to continue from its checkpoint.safetensors")
@@ -138,7 +121,6 @@ class Config:
     lora_rank: int = option(0, "> 0: LoRA on every linear layer but lm_head")
     lora_alpha: float = option(16.0, "LoRA alpha (the adapters are scaled by alpha / rank)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward (saves memory)")
-
 
 # Tuned for the tiny model on a 2-core CPU; any flag overrides them.
 PRESETS = {
@@ -158,7 +140,6 @@ PRESETS = {
 
 # A resumed run must keep these (its games, its weights' shapes).
 RESUME_MUST_MATCH = ("env", "model", "num_envs", "num_steps", "lora_rank")
-
 
 def parse_config(argv=None):
     """Flags -> (Config, the checkpoint's state or None). Bad input: a one-line error."""
@@ -204,7 +185,6 @@ def parse_config(argv=None):
     cfg.minibatch_size = min(cfg.minibatch_size, batch)  # a preset's minibatch never exceeds it
     return cfg, ckpt
 
-
 def build_parser():
     presets = "\n".join(textwrap.fill(f"{env}: " + ", ".join(f"{k}={v}" for k, v in p.items()),
                                        78, initial_indent="  ", subsequent_indent="    ")
@@ -227,24 +207,20 @@ def build_parser():
         parser.add_argument(flag, type=kind, default=None, choices=choices, help=help)
     return parser
 
-
 def read_resume_state(parser, run):
     """The saved state of run directory `run`: tensors and JSON only, reading it runs no code."""
     path = os.path.join(run, "checkpoint.safetensors")
     if not os.path.isfile(path):
-        hint = ""
-        if os.path.exists(os.path.join(run, "checkpoint.pt")):
-            hint = " (a checkpoint.pt is never loaded: unpickling a file can run code)"
+        pickle = os.path.exists(os.path.join(run, "checkpoint.pt"))
+        hint = " (a checkpoint.pt is never loaded: unpickling can run code)" if pickle else ""
         parser.error(f"--resume {run!r}: no checkpoint.safetensors in that directory{hint}")
     try:
         with safe_open(path, "pt") as f:
             state = json.loads(f.metadata()["state"])
-        for k in RESUME_MUST_MATCH:
-            state["config"][k]
+        [state["config"][k] for k in RESUME_MUST_MATCH]
     except Exception as e:
         parser.error(f"--resume {run!r}: not a vlm_rl checkpoint ({type(e).__name__})")
     return state
-
 
 def check_config(c, given):
     """The first problem with the settings, as a message, or None."""
@@ -276,9 +252,7 @@ def check_config(c, given):
         return "--device cuda: CUDA is not available"
     return None
 
-
-# -----------------------------------------------------------------------------
-# Prompt and parser: the task, the legal actions, the answer format (CoT first, then the action)
+# --- Prompt and parser: the task, the legal actions, the answer format (CoT first, then the action)
 
 def build_prompt(env, cot=True):
     actions = " or ".join(f'"{a}"' for a in env.action_names)
@@ -286,11 +260,9 @@ def build_prompt(env, cot=True):
     return (f"{env.task} Legal actions: {actions}. Reply with JSON only: "
             f'{{{fields}"action": {actions}}}')
 
-
 ACTION_RE = re.compile(r'"action"\s*:\s*"([^"\n]{0,40})"')
 
 Parsed = collections.namedtuple("Parsed", "action action_start")
-
 
 def parse_action(text, action_names):
     """Parsed(action index or None if invalid, character offset where `"action"` starts).
@@ -307,9 +279,7 @@ def parse_action(text, action_names):
     action = names.index(value) if value in names else None
     return Parsed(action, match.start())
 
-
-# -----------------------------------------------------------------------------
-# Rollout: one batched generate call samples every environment's answer
+# --- Rollout: one batched generate call samples every environment's answer
 
 @dataclasses.dataclass
 class Sample:
@@ -319,7 +289,6 @@ class Sample:
     answer: torch.Tensor   # [M] the answer's token ids, ending with end-of-turn if not cut off
     action_start: int = 0  # character of the decoded answer where `"action"` starts
     action_mask: torch.Tensor | None = None  # [M] True for the action tokens (filled in later)
-
 
 def sampling_kwargs(agent, temperature, max_new_tokens):
     """generate() settings that sample from exactly softmax(logits / T): no top-k (transformers'
@@ -332,7 +301,6 @@ def sampling_kwargs(agent, temperature, max_new_tokens):
                 suppress_tokens=agent.suppress or None, eos_token_id=agent.stop_ids,
                 pad_token_id=agent.tokenizer.pad_token_id)  # batches need a pad token
 
-
 @torch.no_grad()
 def generate(agent, inputs, temperature, max_new_tokens):
     """Sample one answer per prompt: a list of 1-D token tensors, each cut after its first
@@ -344,10 +312,8 @@ def generate(agent, inputs, temperature, max_new_tokens):
     lengths = torch.where(ends.any(1), ends.argmax(1) + 1, answers.shape[1])
     return [a[:n] for a, n in zip(answers, lengths.tolist())]
 
-
 # what one batched step of the environments returns, a list with an entry per environment
 Step = collections.namedtuple("Step", "samples rewards dones truncated successes invalid final_obs")
-
 
 class Runner:
     """Steps a list of environments with the agent and resets finished episodes.
@@ -357,11 +323,8 @@ class Runner:
     """
 
     def __init__(self, agent, env_cls, n, seed, cfg, fresh_seeds=False, stride=1):
-        self.agent = agent
-        self.cfg = cfg
-        self.temperature = cfg.temperature
-        self.seeds = itertools.count(seed, stride)
-        self.fresh = fresh_seeds
+        self.agent, self.cfg, self.temperature = agent, cfg, cfg.temperature
+        self.seeds, self.fresh = itertools.count(seed, stride), fresh_seeds
         self.rng = random.Random(seed)  # the random actions that replace invalid answers
         self.envs = [env_cls() for _ in range(n)]
         self.obs = [e.reset(seed=next(self.seeds))[0] for e in self.envs]
@@ -384,10 +347,9 @@ class Runner:
                 action = self.rng.randrange(len(env.action_names))
             final_obs, reward, terminated, truncated, info = env.step(action)
             done = terminated or truncated
+            self.obs[i] = final_obs
             if done:
                 self.obs[i] = env.reset(seed=next(self.seeds) if self.fresh else None)[0]
-            else:
-                self.obs[i] = final_obs
             out.samples.append(prompt_sample(inputs, j, answers[j], action_start))
             out.rewards.append(reward - self.cfg.invalid_penalty * invalid)
             out.dones.append(done)
@@ -397,9 +359,7 @@ class Runner:
             out.final_obs.append(final_obs)
         return out
 
-
-# -----------------------------------------------------------------------------
-# The lambda-weighted log-prob of an answer
+# --- The lambda-weighted log-prob of an answer
 
 def action_token_mask(tokenizer, answer_ids, action_starts):
     """[B, M] bool: True for the action part, the token that holds character action_starts[b]
@@ -417,17 +377,14 @@ def action_token_mask(tokenizer, answer_ids, action_starts):
         mask[b, first:len(ids)] = True
     return mask
 
-
 def answer_logprob(token_logp, action_mask, valid, thought_coef):
     """log pi = lambda * sum(thought token log-probs) + sum(action token log-probs).
     [B, M] -> [B]. torch.where, not a product: -inf at padded positions cannot become NaN."""
     weight = torch.where(action_mask, 1.0, thought_coef)
     return torch.where(valid, token_logp * weight, 0.0).sum(-1)
 
-
 # what scoring a batch of answers gives: [B, M] x 3, [B]
 Scored = collections.namedtuple("Scored", "token_logp entropy valid value")
-
 
 def score(agent, batch, temperature):
     """One forward pass over prompt + answer: the answer tokens' log-probs under
@@ -448,7 +405,6 @@ def score(agent, batch, temperature):
     valid = inputs["attention_mask"][:, P:].bool()  # False on the right padding
     return Scored(token_logp, entropy, valid, value)
 
-
 @torch.no_grad()
 def value_of(agent, images, text):
     """V(s) of observations [B]: scored with a stand-in one-token answer, only the value read."""
@@ -457,9 +413,7 @@ def value_of(agent, images, text):
     batch = [prompt_sample(inputs, j, end) for j in range(len(images))]
     return score(agent, batch, 1.0).value.cpu()
 
-
-# -----------------------------------------------------------------------------
-# GAE over env steps (the names follow CleanRL's ppo.py)
+# --- GAE over env steps (the names follow CleanRL's ppo.py)
 
 def gae(rewards, values, dones, next_value, gamma, gae_lambda):
     """rewards, values, dones: [S, E]; dones[t]: the episode ended at step t; next_value: [E].
@@ -467,22 +421,16 @@ def gae(rewards, values, dones, next_value, gamma, gae_lambda):
     advantages = torch.zeros_like(rewards)
     lastgaelam = 0
     for t in reversed(range(rewards.shape[0])):
-        if t == rewards.shape[0] - 1:
-            nextvalues = next_value
-        else:
-            nextvalues = values[t + 1]
+        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
         nextnonterminal = 1.0 - dones[t]
         delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
         lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
         advantages[t] = lastgaelam
     return advantages, advantages + values
 
-
-# -----------------------------------------------------------------------------
-# The PPO loss, on whole answers
+# --- The PPO loss, on whole answers
 
 PPOLoss = collections.namedtuple("PPOLoss", "loss pg_loss v_loss stats")
-
 
 def ppo_loss(logp, old_logp, advantages, values, returns, clip, vf_coef,
              old_values=None, value_clip=0.0):
@@ -507,9 +455,7 @@ def ppo_loss(logp, old_logp, advantages, values, returns, clip, vf_coef,
                  "clip_frac": ((ratio - 1).abs() > clip).float().mean().item()}
     return PPOLoss(pg_loss + vf_coef * v_loss, pg_loss, v_loss, stats)
 
-
-# -----------------------------------------------------------------------------
-# PPO: rollout -> GAE -> minibatch epochs
+# --- PPO: rollout -> GAE -> minibatch epochs
 
 class Rollout(typing.NamedTuple):
     """num_steps x num_envs env steps, with what PPO needs of each."""
@@ -523,20 +469,13 @@ class Rollout(typing.NamedTuple):
     invalid: int             # how many answers were invalid
     seconds: dict            # gen_seconds, score_seconds
 
-
 @torch.no_grad()
 def collect_rollout(agent, runner, cfg):
     """Step every environment cfg.num_steps times, scoring each answer right after sampling."""
     S, E = cfg.num_steps, cfg.num_envs
     agent.eval()
-    rewards = torch.zeros(S, E)
-    dones = torch.zeros(S, E)
-    values = torch.zeros(S, E)
-    old_logp = torch.zeros(S, E)
-    samples = []
-    successes = []
-    invalid = 0
-    seconds = collections.Counter()
+    rewards, dones, values, old_logp = (torch.zeros(S, E) for _ in range(4))
+    samples, successes, invalid, seconds = [], [], 0, collections.Counter()
     for t in range(S):
         t0 = time.time()
         step = runner.step()
@@ -569,15 +508,13 @@ def collect_rollout(agent, runner, cfg):
     return Rollout(samples, old_logp, values, rewards, dones, next_value, successes, invalid,
                    seconds)
 
-
 def ppo_update(agent, opt, samples, old_logp, advantages, returns, old_values, cfg, update):
     """cfg.epochs passes over the rollout in shuffled minibatches. The tensors are flat, [S * E].
     Returns per-minibatch stats: [policy loss, value loss, entropy, approx KL, clip fraction]
     of every micro-batch, and the gradient norm of every optimizer step."""
     params = opt.param_groups[0]["params"]
     agent.train()
-    stats = []
-    grad_norms = []
+    stats, grad_norms = [], []
     for epoch in range(cfg.epochs):
         for mb in torch.randperm(len(samples)).split(cfg.minibatch_size):
             opt.zero_grad()
@@ -609,7 +546,6 @@ def ppo_update(agent, opt, samples, old_logp, advantages, returns, old_values, c
             grad_norms.append(grad_norm.item())
             opt.step()
     return stats, grad_norms
-
 
 def train(agent, opt, runner, cfg, state, log, save):
     """PPO updates from state["update"] + 1 on: `log` gets a metrics row after each, `save`
@@ -671,9 +607,7 @@ def train(agent, opt, runner, cfg, state, log, save):
                         invalid=f"{row['invalid_rate']:.1%}", pg=f"{pg_loss:.3f}",
                         v=f"{v_loss:.3f}", kl=f"{approx_kl:.3f}")
 
-
-# -----------------------------------------------------------------------------
-# SFT warm start: cross-entropy on the demonstrator's answers
+# --- SFT warm start: cross-entropy on the demonstrator's answers
 
 def sft(agent, env_cls, cfg):
     """The demonstrator plays cfg.sft_batch envs; each step is one batch of (image, prompt,
@@ -713,18 +647,16 @@ def sft(agent, env_cls, cfg):
             o, _, terminated, truncated, _ = g.step(parse_action(demos[j], g.action_names).action)
             obs[j] = g.reset()[0] if terminated or truncated else o
 
-
-# -----------------------------------------------------------------------------
-# Evaluation: held-out episodes; an invalid answer loses
+# --- Evaluation: held-out episodes; an invalid answer loses
 
 @torch.no_grad()
-def evaluate(agent, env_cls, cfg, episodes, greedy=False, gif=""):
+def evaluate(agent, env_cls, cfg, episodes, greedy=False, watch=None):
     """Success on held-out episodes: episode k is dealt from seed EVAL_SEED + k, so every
     evaluation of a run (after SFT or RL, sampled or greedy) plays the same deals, which training
     never sees. An episode with an invalid answer fails. Sampling uses a forked RNG: training's
     streams are untouched. "paper_success": total reward > 0 (the paper's measure).
     Under torchrun rank r plays episodes r, r + W, ... and the counts are summed.
-    `gif`: rank 0's first cfg.render episodes, a frame per step, to that file."""
+    `watch(episode, picture, step, j)`, if given, sees every step (scripts/episodes.py)."""
     agent.eval()
     rank, ranks = world()
     total = episodes
@@ -736,15 +668,8 @@ def evaluate(agent, env_cls, cfg, episodes, greedy=False, gif=""):
         runner = Runner(agent, env_cls, n, EVAL_SEED + rank, cfg, fresh_seeds=True, stride=ranks)
         runner.temperature = 0.0 if greedy else cfg.temperature
         # per env: the episode it plays, its return so far, whether it gave an invalid answer
-        episode = list(range(n))
-        ret = [0.0] * n
-        bad = [False] * n
-        dealt = n
-        wins = 0
-        paper_wins = 0
-        invalid = 0
-        steps = 0
-        frames = collections.defaultdict(list)  # per episode
+        episode, ret, bad, dealt = list(range(n)), [0.0] * n, [False] * n, n
+        wins, paper_wins, invalid, steps = 0, 0, 0, 0
         bar = tqdm(total=episodes, desc="eval greedy" if greedy else "eval", leave=False,
                    disable=rank > 0)
         active = list(range(n))
@@ -756,46 +681,35 @@ def evaluate(agent, env_cls, cfg, episodes, greedy=False, gif=""):
             for j, i in enumerate(active):
                 ret[i] += step.rewards[j]
                 bad[i] = bad[i] or step.invalid[j]
-                if gif and rank == 0 and episode[i] < cfg.render:
-                    frames[episode[i]].append(episode_frame(agent, step, j, shown[j], episode[i],
-                                                            len(frames[episode[i]]), ret[i]))
+                if watch:
+                    watch(episode[i], shown[j], step, j)
                 if step.dones[j]:
                     wins += step.successes[j] and not bad[i]
                     paper_wins += ret[i] > 0
                     # the runner has dealt env i the next seed, in this same order
-                    episode[i] = dealt
+                    episode[i], ret[i], bad[i] = dealt, 0.0, False
                     dealt += 1
-                    ret[i] = 0.0
-                    bad[i] = False
                     bar.update(1)
             active = [i for i in range(n) if episode[i] < episodes]
         bar.close()
-    frames = [f for k in sorted(frames) for f in frames[k]]
-    if frames:
-        frames[0].save(gif, save_all=True, append_images=frames[1:], duration=1500, loop=0)
-        frames[0].save(gif[:-4] + ".png")
     wins, paper_wins, invalid, steps = map(sum, zip(*gather((wins, paper_wins, invalid, steps))))
     p = wins / total
     return {"success": p, "se": (p * (1 - p) / total) ** 0.5, "paper_success": paper_wins / total,
             "invalid_rate": invalid / max(steps, 1), "episodes": total}
 
-
-def evaluations(agent, env_cls, cfg, when, tag):
+def evaluations(agent, env_cls, cfg, when):
     """Held-out success, sampled at the training temperature and greedy, printed; None without
-    episodes. With --render, the sampled evaluation's episodes go to episodes-<tag>.gif."""
+    episodes."""
     if not cfg.eval_episodes:
         return None
-    gif = os.path.join(cfg.out_dir, f"episodes-{tag}.gif") if cfg.render else ""
-    sampled = evaluate(agent, env_cls, cfg, cfg.eval_episodes, greedy=False, gif=gif)
+    sampled = evaluate(agent, env_cls, cfg, cfg.eval_episodes, greedy=False)
     greedy = evaluate(agent, env_cls, cfg, cfg.eval_episodes, greedy=True)
     if world()[0] == 0:
         print(f"{when}: success {sampled['success']:.3f} (greedy {greedy['success']:.3f}), "
               f"invalid {sampled['invalid_rate']:.1%} ({cfg.eval_episodes} held-out episodes)")
     return {"sampled": sampled, "greedy": greedy}
 
-
-# -----------------------------------------------------------------------------
-# main: SFT, evaluate, PPO, evaluate; metrics.csv, checkpoints, summary.json, the model
+# --- main: SFT, evaluate, PPO, evaluate; metrics.csv, checkpoints, summary.json, the model
 
 def main(argv=None):
     cfg, ckpt = parse_config(argv)
@@ -830,7 +744,7 @@ def main(argv=None):
             sft(agent, env_cls, cfg)
         sft_eval = None
         if cfg.total_steps:
-            sft_eval = evaluations(agent, env_cls, cfg, "after SFT", "sft")
+            sft_eval = evaluations(agent, env_cls, cfg, "after SFT")
         state = {"config": dataclasses.asdict(cfg), "update": 0, "rows": [], "sft_eval": sft_eval}
     else:
         state = load_checkpoint(ckpt_path, agent, opt, runner)
@@ -862,10 +776,7 @@ def main(argv=None):
     # The model that is saved is the one evaluated: LoRA merged, trained weights cast to --dtype.
     merge_lora(agent.vlm)
     cast(agent.vlm.parameters(), agent.dtype)
-    if rows:
-        final = evaluations(agent, env_cls, cfg, "after RL", "rl")
-    else:
-        final = evaluations(agent, env_cls, cfg, "evaluation", "eval")
+    final = evaluations(agent, env_cls, cfg, "after RL" if rows else "evaluation")
     before = state["sft_eval"] or final  # no RL: the saved model is the SFT model
 
     def sampled(e, key):
@@ -888,15 +799,13 @@ def main(argv=None):
         dist.destroy_process_group()
     return summary
 
-
 # =============================================================================
 # What follows makes it run on any model and machine: the built-in tiny model, loading hub
 # models with LoRA and mixed precision, the per-family details of prompt tensors, torchrun,
 # checkpoints and the episode viewer. The method above does not depend on any of it.
 # =============================================================================
 
-# -----------------------------------------------------------------------------
-# The built-in tiny VLM: a real Llava with a BPE tokenizer trained offline
+# --- The built-in tiny VLM: a real Llava with a BPE tokenizer trained offline
 
 def train_bpe(corpus, vocab_size, special_tokens):
     """A byte-level BPE tokenizers.Tokenizer trained on `corpus` (a list of strings)."""
@@ -910,7 +819,6 @@ def train_bpe(corpus, vocab_size, special_tokens):
     bpe.train_from_iterator(corpus, trainer)
     return bpe
 
-
 def build_tiny_model(env_cls, seed=0):
     """A ~0.7M-parameter LlavaForConditionalGeneration and LlavaProcessor, built without
     downloading anything; the same code path then drives hub models."""
@@ -920,8 +828,7 @@ def build_tiny_model(env_cls, seed=0):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     # the tokenizer: the prompts, and the answers of the states a random player visits
-    rng = random.Random(seed)
-    env = env_cls()
+    rng, env = random.Random(seed), env_cls()
     corpus = [build_prompt(env, True), build_prompt(env, False)] * 20
     for i in range(3000):
         env.reset(seed=seed * 100003 + i)
@@ -934,8 +841,7 @@ def build_tiny_model(env_cls, seed=0):
                                   eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
 
     # the processor: one image token per 14-px patch, plus one (CLIP's class token)
-    size = env_cls.image_size
-    patch = 14
+    size, patch = env_cls.image_size, 14
     image_proc = CLIPImageProcessorPil(size={"shortest_edge": size},
                                        crop_size={"height": size, "width": size},
                                        image_mean=[0.5] * 3, image_std=[0.5] * 3)
@@ -956,9 +862,7 @@ def build_tiny_model(env_cls, seed=0):
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config), processor
 
-
-# -----------------------------------------------------------------------------
-# The agent: a VLM, a value head, LoRA, precision
+# --- The agent: a VLM, a value head, LoRA, precision
 
 class Agent(nn.Module):
     """The VLM policy plus a value head: an MLP on the last prompt token's final hidden state.
@@ -966,9 +870,7 @@ class Agent(nn.Module):
 
     def __init__(self, vlm, processor, dtype=None):
         super().__init__()
-        self.vlm = vlm
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.vlm, self.processor, self.tokenizer = vlm, processor, processor.tokenizer
         self.dtype = dtype or next(vlm.parameters()).dtype
         hidden = vlm.config.get_text_config().hidden_size
         self.value_head = nn.Sequential(nn.Linear(hidden, 256), nn.Tanh(), nn.Linear(256, 1))
@@ -991,13 +893,11 @@ class Agent(nn.Module):
         enabled = self.dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
-
 def end_of_turn_ids(vlm, processor):
     """Every id that ends a reply, the one SFT teaches first. Chat models have their own (Qwen
     <|im_end|>, Gemma <end_of_turn>, Llama-3 <|eot_id|>), named by the chat template and the
     generation config."""
-    tok = processor.tokenizer
-    ids = []
+    tok, ids = processor.tokenizer, []
     try:  # the token the chat template writes right after an assistant reply, if a special one
         turn = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "XQZ"}]}]
@@ -1013,15 +913,13 @@ def end_of_turn_ids(vlm, processor):
     ids.append(tok.eos_token_id)
     return list(dict.fromkeys(i for i in ids if i is not None))
 
-
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) * B A x, with W frozen and B = 0 at the start (Hu et al. 2021).
     A and B are float32 whatever W's dtype: an update below bf16's resolution must not vanish."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
-        self.base = base
-        self.scale = alpha / rank
+        self.base, self.scale = base, alpha / rank
         device = base.weight.device
         a = torch.randn(rank, base.in_features, device=device) / base.in_features ** 0.5
         self.A = nn.Parameter(a)
@@ -1037,7 +935,6 @@ class LoRALinear(nn.Module):
         w.data = (w.data.float() + delta).to(w.dtype)
         return self.base
 
-
 def add_lora(vlm, rank, alpha):
     """Adapters on every linear layer but lm_head (vision tower and projector included, as in
     the paper's code); all original weights frozen."""
@@ -1048,20 +945,17 @@ def add_lora(vlm, rank, alpha):
             if isinstance(child, nn.Linear) and child is not head:
                 setattr(module, name, LoRALinear(child, rank, alpha))
 
-
 def merge_lora(vlm):
     for module in list(vlm.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(module, name, child.merged())
 
-
 UNSUPPORTED = {
     "mllama": "its 4-D cross-attention mask is not extended over answer tokens when scoring",
     "florence2": "encoder-decoder models are not scored (the answer log-prob assumes a "
                  "decoder-only VLM)",
 }
-
 
 def load_agent(cfg, env_cls):
     """The VLM (frozen weights in --dtype), optional LoRA adapters, the value head; every
@@ -1090,7 +984,6 @@ def load_agent(cfg, env_cls):
     cast([p for p in agent.parameters() if p.requires_grad], torch.float32)  # float32 masters
     return agent.to(cfg.device)
 
-
 def load_hub_model(name, dtype):
     """A hub id or local directory -> (VLM, processor); a clear one-line error if it fails."""
     from huggingface_hub.utils import logging as hub_logging
@@ -1107,12 +1000,10 @@ def load_hub_model(name, dtype):
         sys.exit(f"vlm_rl.py: error: cannot load model {name!r}: {str(e).splitlines()[0]}")
     return vlm, processor
 
-
 def cast(params, dtype):
     """Parameters only: buffers such as RoPE frequencies keep the dtype the model gave them."""
     for p in params:
         p.data = p.data.to(dtype)
-
 
 def save_model(agent, model_dir):
     """save_pretrained (it loads with transformers alone) plus value_head.safetensors."""
@@ -1121,9 +1012,7 @@ def save_model(agent, model_dir):
     head = {k: v.contiguous() for k, v in agent.value_head.state_dict().items()}
     save_file(head, os.path.join(model_dir, "value_head.safetensors"))
 
-
-# -----------------------------------------------------------------------------
-# Prompt tensors of every VLM family: chat templates, left padding, per-token extras
+# --- Prompt tensors of every VLM family: chat templates, left padding, per-token extras
 
 def prompt_text(processor, prompt):
     """The prompt in the model's chat template (one image, one user turn), if it has one."""
@@ -1133,7 +1022,6 @@ def prompt_text(processor, prompt):
         return processor.apply_chat_template(msg, add_generation_prompt=True)
     return f"{processor.image_token}\n{prompt}\n"
 
-
 def encode_prompts(agent, images, text):
     """Left-padded prompt batch: one image per environment; one prompt text for all, or one each."""
     texts = [text] * len(images) if isinstance(text, str) else text
@@ -1142,13 +1030,11 @@ def encode_prompts(agent, images, text):
     return agent.processor(images=[[im] for im in images], text=texts, return_tensors="pt",
                            padding=True, padding_side="left", add_special_tokens=not has_bos)
 
-
 def prompt_sample(inputs, j, answer, action_start=0):
     """A Sample of row j of a processor's prompt batch, on the CPU: the per-token tensors without
     their left padding, and the rest (pixels, image sizes, ...) with a batch dimension of 1."""
     keep = inputs["attention_mask"][j].bool()
-    prompt = {}
-    extra = {}
+    prompt, extra = {}, {}
     for k, v in inputs.items():
         if k in ("attention_mask", "labels"):  # collate rebuilds the mask; PaliGemma's SFT labels
             continue
@@ -1162,7 +1048,6 @@ def prompt_sample(inputs, j, answer, action_start=0):
             extra[k] = v[j:j + 1].cpu()
     return Sample(prompt, extra, answer, action_start)
 
-
 # Per-token processor outputs (besides input_ids, attention_mask) and the value that generate()
 # gives them at sampled tokens, so that scoring sees what sampling saw. A missing one: collate
 # fails with a KeyError.
@@ -1171,7 +1056,6 @@ ANSWER_TOKEN_FILL = {
     "token_type_ids": 0,                 # Gemma3: 0 = text, as generate() repeats it
     ("paligemma", "token_type_ids"): 1,  # PaliGemma: causal suffix; 0 would join the prefix
 }
-
 
 def collate(agent, batch, device):
     """Join left-padded prompts and right-padded answers: (inputs with [B, P + M] tensors, P).
@@ -1184,8 +1068,7 @@ def collate(agent, batch, device):
     inputs["input_ids"].fill_(pad)
     inputs["attention_mask"] = torch.zeros(len(batch), P + M, dtype=torch.long)
     for b, s in enumerate(batch):
-        p = len(s.prompt["input_ids"])
-        a = len(s.answer)
+        p, a = len(s.prompt["input_ids"]), len(s.answer)
         for k, v in s.prompt.items():
             inputs[k][b, P - p:P] = v
         inputs["input_ids"][b, P:P + a] = s.answer
@@ -1199,9 +1082,7 @@ def collate(agent, batch, device):
         inputs[k] = v.to(agent.dtype) if v.is_floating_point() else v
     return inputs, P
 
-
-# -----------------------------------------------------------------------------
-# Data parallelism (as nanoGPT): inactive unless torchrun launched this process
+# --- Data parallelism (as nanoGPT): inactive unless torchrun launched this process
 
 def init_distributed(cfg):
     """(rank, world size) from torchrun's environment; NCCL with a GPU per local rank, or gloo."""
@@ -1213,13 +1094,11 @@ def init_distributed(cfg):
     dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     return world()
 
-
 def world():
     """(rank, number of processes): (0, 1) unless torchrun launched this one."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
 
 def gather(x):
     """[x of every rank], in rank order ([x] in a single process)."""
@@ -1227,7 +1106,6 @@ def gather(x):
     if dist.is_initialized():
         dist.all_gather_object(out, x)
     return out
-
 
 def average_gradients(params):
     """Each gradient -> its mean over the ranks (with LoRA only the adapters travel)."""
@@ -1238,9 +1116,7 @@ def average_gradients(params):
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
 
-
-# -----------------------------------------------------------------------------
-# Checkpoints: safetensors and JSON, so that loading one runs no code
+# --- Checkpoints: safetensors and JSON, so that loading one runs no code
 
 def save_checkpoint(path, agent, opt, runner, state):
     """What training changes: the trained tensors (with LoRA: adapters and value head, never the
@@ -1265,7 +1141,6 @@ def save_checkpoint(path, agent, opt, runner, state):
     metadata = {"state": json.dumps(meta, default=np.ndarray.tolist)}
     save_file(tensors, path + ".tmp", metadata=metadata)
     os.replace(path + ".tmp", path)
-
 
 def load_checkpoint(path, agent, opt, runner):
     """The inverse of save_checkpoint; returns the run's state (config, update, rows, evals)."""
@@ -1304,30 +1179,6 @@ def load_checkpoint(path, agent, opt, runner):
     if mine["cuda_rng"] and agent.device.type == "cuda":
         torch.cuda.set_rng_state(torch.tensor(mine["cuda_rng"], dtype=torch.uint8))
     return meta
-
-
-# -----------------------------------------------------------------------------
-# The episode viewer (--render): a frame per step
-
-def episode_frame(agent, step, j, shown, episode, k, ret):
-    """The frame of env j's step `step` (episode and step counted from 0)."""
-    text = agent.tokenizer.decode(step.samples[j].answer, skip_special_tokens=True)
-    what = "INVALID answer, a random action played; " if step.invalid[j] else ""
-    caption = (f"episode {episode + 1}, step {k + 1}: {what}"
-               f"reward {step.rewards[j]:+g}, return {ret:+g}")
-    return draw_frame(shown, text, caption)
-
-
-def draw_frame(obs, answer, caption, width=480):
-    """The game picture enlarged, the agent's answer wrapped, and what happened."""
-    img = Image.new("RGB", (width, 400), "white")
-    img.paste(obs.resize((200, 200), Image.NEAREST), ((width - 200) // 2, 6))
-    lines = textwrap.wrap(answer, 62, max_lines=8, placeholder=" ...") or ["(an empty answer)"]
-    lines += [""] + textwrap.wrap(caption, 62)
-    font = ImageFont.load_default(size=13)
-    ImageDraw.Draw(img).multiline_text((8, 214), "\n".join(lines), fill="black", font=font)
-    return img
-
 
 if __name__ == "__main__":
     main()
