@@ -1,31 +1,24 @@
 """Four tiny visual games for RL fine-tuning of a vision-language model (after RL4VLM, Zhai et al.
-2024). The agent sees each state only as a small RGB image; `demo` writes a noisy demonstrator's
+2024). The agent sees a state only as a small RGB image; `demo` writes a noisy demonstrator's
 answer.
-
 - NumberLine: step the current number toward the target.
 - Blackjack: Gymnasium Blackjack-v1 rules (infinite deck, dealer stands on soft 17, no natural
   bonus), with its exact optimal policy by dynamic programming.
-- EZPoints / Points24: build a formula worth 12 / 24 from the cards, a token per step, by the
-  paper's rules. A number not on a card, or whose cards are used up, costs -1 and takes one of
-  the formula's slots as a blank entry. "=" ends the episode: +10 if the formula (blanks
-  ignored) uses every card once and equals the target, else -1. A formula of more than 5 / 20
-  entries (blanks count) ends the episode at -1 on the next step, whatever it is. Every step
-  but "=" adds an entry, so an episode lasts at most 7 / 22 steps: no time limit is needed.
-  Success: a total reward > 0, the paper's measure (solved, with under 10 mistakes).
-
-Where this differs from the paper's code:
-- an exact evaluator of the tokens, not eval of their text: "2" "4" is not 24, x / 0 is not
-  well formed, and 8 / (3 - 8 / 3) is 24 (eval's floats: 23.99...);
-- an over-long formula ends the episode as terminated (the paper: truncated): it is a loss, and
-  vlm_rl.py would bootstrap a truncated episode from the value of its last state;
+- EZPoints / Points24, by the paper's rules: a formula worth 12 / 24 from the cards, a token a
+  step. A number with no unused card costs -1 and takes a slot as a blank. "=" ends: +10 if the
+  formula (blanks ignored) uses each card once and is worth the target, else -1; any step on over
+  5 / 20 entries ends at -1 (at most 7 / 22 steps). Success: total reward > 0 (the paper's).
+Differences from the paper's code:
+- exact evaluation, not eval of the text: "2" "4" is not 24, x / 0 is not well formed, and
+  8 / (3 - 8 / 3) is 24 (eval: 23.99...);
+- an over-long formula is a loss, terminated (the paper: truncated, which vlm_rl.py would
+  bootstrap from the last state's value);
 - EZPoints deals a second card worth 10 as any of 10, J, Q, K (the paper: always a 10);
-- our own pictures: 112 px, drawn cards, a 14-px cell per formula entry, empty for a blank (the
+- our pictures: 112 px, drawn cards, a 14-px cell per formula entry, empty for a blank (the
   paper: 300 px card images, the formula as text);
-- vlm_rl.py scores each answer under the picture it was sampled with (the paper's update
-  re-scored all of them under the first picture);
-- the demonstrator is ours (the paper's env code has none). On a Points24 deal without a
-  solution it writes the cards in order, "+" between, and "=" (-1, as "=" at once, which taught
-  RL to give up).
+- vlm_rl.py scores each answer under the picture it was sampled with (the paper: the first);
+- our demonstrator (the paper's env code has none): on an unsolvable Points24 deal it writes the
+  cards in order, "+" between, then "=" (-1, like "=" at once, which taught RL to give up).
 """
 import functools
 import itertools
@@ -34,30 +27,24 @@ from fractions import Fraction
 
 from PIL import Image, ImageDraw, ImageFont
 
-@functools.cache
-def _font(size):
-    return ImageFont.load_default(size=size)  # Pillow's bundled font: no font files needed
+FONTS = {size: ImageFont.load_default(size=size) for size in (10, 12, 13, 16)}  # no font files
 
-# --- Shared bookkeeping: seeding, action checks, the demonstrator
 class _Env:
-    """What a game defines for vlm_rl.py to train on it.
-
-    - class attributes: `name` (the --env name), `action_names` (list of str: an action is an
-      index into it), `image_size` (pixels a side), `task` (the prompt's text), `cot_fields` (the
-      JSON thought fields the prompt shows), `default_noise` (the demonstrator's mistake rate),
-      `max_steps`: the most steps an episode lasts, where bounded (vlm_rl.py does not read it);
-    - `_deal()`: a new episode's state, drawn from self.rng; `render()`: the state, a PIL image;
-    - `step(action) -> (image, reward, terminated, truncated, info)` with info["success"];
-      truncated only at a time limit (vlm_rl.py bootstraps from the last state's value): a loss
-      that ends the episode is terminated. `info(success)`: that dict;
-    - `correct_action()`: the demonstrator's choice; `cot_values()`: its thoughts, a list of
-      (field, value) in `cot_fields`' order.
-    vlm_rl.py also uses `reset`, `demo` and `rng` (here). Its checkpoints save vars(env) as JSON,
-    then restore it and call render(): keep the state in plain attributes (numbers, strings,
-    lists; tuples come back as lists).
+    """What a game defines for vlm_rl.py to train on it:
+    - class attributes `name` (the --env name), `action_names` (an action indexes this list),
+      `image_size` (pixels a side), `task` (the prompt's text), `cot_fields` (the prompt's JSON
+      thought fields), `default_noise` (the demonstrator's mistake rate) and `max_steps` (where
+      bounded, the longest episode; vlm_rl.py does not read it);
+    - `_deal()`: a new episode's state, from self.rng; `render()`: the state as a PIL image;
+    - `step(action) -> (image, reward, terminated, truncated, info)`, info = `info(success)`, a
+      dict with "success"; truncated only at a time limit (vlm_rl.py bootstraps it from the last
+      state's value), never for a loss;
+    - `correct_action()` and `cot_values()`: the demonstrator's choice and thoughts, (field, value)
+      pairs in `cot_fields`' order.
+    vlm_rl.py also uses `reset`, `demo` and `rng`. Checkpoints save vars(env) as JSON and restore
+    it before render(): keep the state in numbers, strings and lists (tuples come back as lists).
     """
-
-    default_noise = 0.5  # probability that a demonstration shows a wrong action
+    default_noise = 0.5
 
     def __init__(self):
         self.rng = random.Random()
@@ -82,15 +69,11 @@ class _Env:
         if not 0 <= noise <= 1:
             raise ValueError(f"noise must be in [0, 1], got {noise}")
         action = self.correct_action()
-
-        # A deliberate mistake: any legal action but the correct one.
-        if rng.random() < noise:
+        if rng.random() < noise:  # a deliberate mistake: any legal action but the correct one
             action = rng.choice([a for a in range(len(self.action_names)) if a != action])
-
         fields = (self.cot_values() if cot else []) + [("action", self.action_names[action])]
         return "{" + ", ".join(f'"{k}": "{v}"' for k, v in fields) + "}"  # json's spacing varies
 
-# --- NumberLine
 class NumberLine(_Env):
     name = "numberline"
     action_names = ["-", "+"]
@@ -115,7 +98,6 @@ class NumberLine(_Env):
         self.steps += 1
         self.current = min(5, max(0, self.current + (1 if action == 1 else -1)))  # edges block
         after = abs(self.current - self.target)
-
         terminated = after == 0
         truncated = after != 0 and self.steps >= self.max_steps
         reward = 1.0 if terminated else 0.0 if after < before else -1.0  # closer: 0, else -1
@@ -134,14 +116,13 @@ class NumberLine(_Env):
         return [("current number", self.current), ("target number", self.target),
                 ("thoughts", f"{self.current} {sign} {self.target}")]
 
-    def render(self):
-        # Small labels over big digits: "Target: 4" on one line is too wide for 56 px, legibly.
+    def render(self):  # small labels over big digits: "Target: 4" is too wide for 56 px, legibly
         img = Image.new("RGB", (self.image_size,) * 2, "white")
         draw = ImageDraw.Draw(img)
         mid = self.image_size // 2
         for y, label, value in ((2, "Target", self.target), (30, "Current", self.current)):
-            draw.text((mid, y), label, fill="black", font=_font(12), anchor="mt")
-            draw.text((mid, y + 12), str(value), fill="black", font=_font(16), anchor="mt")
+            draw.text((mid, y), label, fill="black", font=FONTS[12], anchor="mt")
+            draw.text((mid, y + 12), str(value), fill="black", font=FONTS[16], anchor="mt")
         return img
 
 # --- Blackjack rules and the exact optimal policy
@@ -149,10 +130,6 @@ RANKS = ["A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K"]
 SUITS = ["spades", "hearts", "diamonds", "clubs"]
 VALUE = {r: min(i + 1, 10) for i, r in enumerate(RANKS)}  # an ace is 1 here, +10 when usable
 P_VALUE = {v: (4 if v == 10 else 1) / 13 for v in range(1, 11)}  # infinite deck: 10 J Q K all 10
-NUMBERS = [str(v) for v in range(1, 11)]  # EZPoints' and Points24's number tokens: a card's values
-BLANK = " "  # the formula entry of a mistaken number (the paper's; "_" in the thoughts)
-OPS = {"+": Fraction.__add__, "-": Fraction.__sub__, "*": Fraction.__mul__,
-       "/": Fraction.__truediv__}
 
 def _add(total, soft, v):
     """(total, soft) after a card of value v (soft: an ace counts 11); env and DP share it."""
@@ -199,14 +176,14 @@ def _best(total, soft, up):
 def blackjack_optimal():
     """{(player_total, soft, dealer_up_value 1..10): action (0 stand, 1 hit)} maximizing return.
     Hard totals run 4..21 (2+2 is the lowest hand), soft totals 12..21 (A+A is the lowest)."""
-    return {(t, s, up): _best(t, s, up)[1]
-            for t in range(4, 22) for s in (False, True) if t >= 12 or not s
-            for up in range(1, 11)}
+    return {(t, s, up): _best(t, s, up)[1] for t in range(4, 22) for s in (False, True)
+            if t >= 12 or not s for up in range(1, 11)}
 
-# --- Blackjack env and its pictures (the bundled font has no suit glyphs: suits are tiny shapes)
+# --- Card pictures. The bundled font has no suit glyphs: a suit is tiny shapes, each an ellipse
+# or a polygon ("e" or "p") and its flat x, y offsets from the suit's centre.
 CARD_W, CARD_H = 20, 28
 STEM = ("p", (0, 0, -2, 4, 2, 4))
-SUIT_SHAPES = {  # (ellipse or polygon, flat x, y offsets from the suit's centre)
+SUIT_SHAPES = {
     "diamonds": [("p", (0, -4, 3, 0, 0, 4, -3, 0))],
     "hearts": [("e", (-4, -3, 0, 1)), ("e", (0, -3, 4, 1)), ("p", (-4, 0, 4, 0, 0, 4))],
     "spades": [("p", (-4, 0, 4, 0, 0, -4)), ("e", (-4, -1, 0, 3)), ("e", (0, -1, 4, 3)), STEM],
@@ -216,22 +193,18 @@ SUIT_SHAPES = {  # (ellipse or polygon, flat x, y offsets from the suit's centre
 def _draw_card(draw, x, y, card=None):
     """A face-up (rank, suit) card, its top-left corner at (x, y); the back if card is None."""
     box = (x, y, x + CARD_W - 1, y + CARD_H - 1)
-
-    # The back: dark with an inner frame, so it never looks like a face.
-    if card is None:
+    if card is None:  # the back: dark with an inner frame, so it never looks like a face
         draw.rectangle(box, fill="navy", outline="black")
         draw.rectangle((x + 3, y + 3, x + CARD_W - 4, y + CARD_H - 4), outline="lightblue")
         return
-
     rank, suit = card
     draw.rectangle(box, fill="white", outline="black")
-    draw.text((x + CARD_W // 2, y + 2), rank, fill="black", font=_font(13), anchor="mt")
+    draw.text((x + CARD_W // 2, y + 2), rank, fill="black", font=FONTS[13], anchor="mt")
     color = "red" if suit in ("hearts", "diamonds") else "black"
     centre = (x + CARD_W // 2, y + 20)
     for kind, coords in SUIT_SHAPES[suit]:
         xy = [c + centre[i % 2] for i, c in enumerate(coords)]
-        shape = draw.ellipse if kind == "e" else draw.polygon
-        shape(xy, fill=color)
+        (draw.ellipse if kind == "e" else draw.polygon)(xy, fill=color)
 
 class Blackjack(_Env):
     name = "blackjack"
@@ -243,11 +216,10 @@ class Blackjack(_Env):
             "going over 21.")
     cot_fields = '"thoughts": "the dealer\'s card, my cards and my total"'
 
-    # State: two plain lists of (rank, suit) that tests can set; dealer[0] is the up card.
     def _draw(self):
         return self.rng.choice(RANKS), self.rng.choice(SUITS)
 
-    def _deal(self):
+    def _deal(self):  # the state: two plain lists of (rank, suit); dealer[0] is the up card
         self.player = [self._draw(), self._draw()]
         self.dealer = [self._draw(), self._draw()]
 
@@ -259,10 +231,8 @@ class Blackjack(_Env):
         else:
             while hand_value(self.dealer)[0] < 17:  # a soft 17 counts as 17: the dealer stands
                 self.dealer.append(self._draw())
-            me = hand_value(self.player)[0]
-            dealer = hand_value(self.dealer)[0]
+            me, dealer = hand_value(self.player)[0], hand_value(self.dealer)[0]
             reward = 1.0 if dealer > 21 or me > dealer else 0.0 if me == dealer else -1.0
-
         terminated = action == 0 or reward < 0  # a stand or a bust ends the hand
         self.done = terminated
         return self.render(), reward, terminated, False, self.info(reward > 0)
@@ -274,60 +244,57 @@ class Blackjack(_Env):
 
     def correct_action(self):
         total, soft = hand_value(self.player)
-        if total > 21:
-            return 0
-        return blackjack_optimal()[(total, soft, VALUE[self.dealer[0][0]])]
+        return 0 if total > 21 else blackjack_optimal()[(total, soft, VALUE[self.dealer[0][0]])]
 
     def cot_values(self):
         total, soft = hand_value(self.player)
         cards = " ".join(r for r, _ in self.player)
         return [("thoughts", f"dealer {self.dealer[0][0]}, me {cards} = {'soft ' * soft}{total}")]
 
-    def render(self):
-        # The hole card stays face down even after the stand: the image shows what the player sees.
+    def render(self):  # the hole card stays face down even after the stand: what the player sees
         img = Image.new("RGB", (self.image_size,) * 2, (0, 110, 50))
         draw = ImageDraw.Draw(img)
         _draw_card(draw, 4, 4, self.dealer[0])
         _draw_card(draw, 26, 4, None)
-        draw.text((52, 18), "Dealer", fill="white", font=_font(12), anchor="lm")
-        draw.text((4, 40), "Player", fill="white", font=_font(12), anchor="lm")
+        draw.text((52, 18), "Dealer", fill="white", font=FONTS[12], anchor="lm")
+        draw.text((4, 40), "Player", fill="white", font=FONTS[12], anchor="lm")
         for i, card in enumerate(self.player):  # rows of five; an 11th card would fall off
             _draw_card(draw, 2 + 22 * (i % 5), 52 + 30 * (i // 5), card)
         return img
 
 # --- EZPoints and Points24: a formula over the cards' values that equals the target
+NUMBERS = [str(v) for v in range(1, 11)]  # the number tokens: a card's values
+BLANK = " "  # the formula entry of a mistaken number (the paper's; "_" in the thoughts)
+OPS = {"+": Fraction.__add__, "-": Fraction.__sub__, "*": Fraction.__mul__,
+       "/": Fraction.__truediv__}
+
 def evaluate(tokens):
-    """Exact value (a Fraction) of a list of tokens; None if not well formed or dividing by 0."""
-    # Split at the last + or - outside brackets, else at the last * or /: the operator applied
-    # last, which makes * bind tighter and equal operators go left to right.
+    """Exact value (a Fraction) of a list of tokens; None if not well formed or dividing by 0.
+    It splits at the operator applied last, the last + or - outside brackets, else the last * or
+    /: * binds tighter and equal operators go left to right."""
     depth = 0
     split = -1
     for k, token in enumerate(tokens):
         depth += (token == "(") - (token == ")")
         if depth == 0 and token in OPS and (split < 0 or token in "+-" or tokens[split] in "*/"):
             split = k
-
     if split >= 0:
-        a = evaluate(tokens[:split])
-        b = evaluate(tokens[split + 1:])
+        a, b = evaluate(tokens[:split]), evaluate(tokens[split + 1:])
         if a is None or b is None or (tokens[split] == "/" and b == 0):
             return None
         return OPS[tokens[split]](a, b)
-
-    # No operator outside brackets: a number, or a whole formula in brackets.
-    if len(tokens) == 1 and tokens[0] in NUMBERS:
+    if len(tokens) == 1 and tokens[0] in NUMBERS:  # no operator outside brackets: a number,
         return Fraction(tokens[0])
-    if len(tokens) > 2 and tokens[0] == "(" and tokens[-1] == ")":
+    if len(tokens) > 2 and tokens[0] == "(" and tokens[-1] == ")":  # or a formula in brackets
         return evaluate(tokens[1:-1])
     return None
 
 @functools.cache
 def solutions(values, ops, target=None):
-    """{value: {tokens: precedence}} of formulas using each of the sorted `values` once; only the
-    target's if given."""
+    """{value: {tokens: precedence}} of formulas using each sorted value once (if given, only the
+    target's). Brackets only where needed."""
     if len(values) == 1:
         return {Fraction(values[0]): {(str(values[0]),): 3}}
-
     out = {}
     for mask in range(1, 2 ** len(values) - 1):  # each split into a left and a right operand
         left = tuple(v for k, v in enumerate(values) if mask >> k & 1 == 1)
@@ -336,9 +303,7 @@ def solutions(values, ops, target=None):
         for op, (a, fa), (b, fb) in pairs:
             if (op == "/" and b == 0) or (target is not None and OPS[op](a, b) != target):
                 continue
-
-            # Precedence of a sum, of a product (a number: 3); brackets only where needed.
-            prec = 1 if op in "+-" else 2
+            prec = 1 if op in "+-" else 2  # a sum's precedence, a product's (a number's: 3)
             for (ta, pa), (tb, pb) in itertools.product(fa.items(), fb.items()):
                 ta = ("(", *ta, ")") if pa < prec else ta  # (a + b) * c
                 tb = ("(", *tb, ")") if pb < prec + (op in "-/") else tb  # a - (b + c), a / (b * c)
@@ -346,9 +311,7 @@ def solutions(values, ops, target=None):
     return out
 
 class _Formula(_Env):
-    """State: `cards`, a list of (rank, suit), and `formula`, the entries so far: tokens and
-    blanks."""
-
+    """State: `cards`, a list of (rank, suit), and `formula`, the entries so far (blanks too)."""
     image_size = 112
     default_noise = 0.7  # EZPoints: as NumberLine's, SFT starts low (the paper's SFT: 23%)
     cards_at = (4, 24, 2)  # the first card's x, the stride, y
@@ -360,8 +323,7 @@ class _Formula(_Env):
         return [VALUE[rank] for rank, _ in self.cards]
 
     @property
-    def written(self):
-        """The formula's tokens, blanks dropped: what "=" evaluates and what uses up cards."""
+    def written(self):  # the formula's tokens, blanks dropped: what "=" evaluates, what uses cards
         return [t for t in self.formula if t != BLANK]
 
     def _deal(self):
@@ -374,34 +336,22 @@ class _Formula(_Env):
         token = self.action_names[self._check(action)]
         n = len(self.formula)  # blanks included: they take slots
         written = self.written
-        values = self.values
-
-        # Solved: within the length limit, every card used once, worth the target.
         used = sorted(int(t) for t in written if t in NUMBERS)
         worth = evaluate(written) == self.target
-        solved = n <= self.max_len and used == sorted(values) and worth
-        no_card = token in NUMBERS and written.count(token) >= values.count(int(token))
-
-        # "=" ends the episode; so does any action on a formula over max_len entries (-1).
-        terminated = token == "=" or n > self.max_len
+        solved = n <= self.max_len and used == sorted(self.values) and worth
+        no_card = token in NUMBERS and written.count(token) >= self.values.count(int(token))
+        terminated = token == "=" or n > self.max_len  # any step on an over-long formula ends it
         if terminated:
             reward = 10.0 if solved else -1.0
-        elif no_card:
-            reward = -1.0
-        else:
-            reward = 0.0
-
-        # A mistaken number still takes a slot, so at most max_len - len(solution) mistakes fit.
-        if not terminated:
+        else:  # a mistaken number still takes a slot: max_len - len(solution) mistakes fit
+            reward = -1.0 if no_card else 0.0
             self.formula += [BLANK if no_card else token]
-
         self.steps += 1
         self.total += reward
         self.done = terminated
         return self.render(), reward, terminated, False, self.info(self.total > 0)
 
     def info(self, success):
-        # success: total reward > 0, the paper's measure: solved, with under 10 mistakes
         return {"success": success, "cards": self.values, "formula": list(self.formula),
                 "steps": self.steps}
 
@@ -412,14 +362,11 @@ class _Formula(_Env):
         n = len(written)
         free = self.max_len - len(self.formula) + n  # slots for tokens: max_len less the blanks
         found = solutions(tuple(sorted(self.values)), self.ops, self.target)
-
         def order(plan):
             in_card_order = [int(t) for t in plan if t in NUMBERS] == self.values
             return (self.in_order and not in_card_order, len(plan))
-
         plans = (s for s in found.get(self.target, ()) if list(s[:n]) == written and len(s) <= free)
         plan = min(plans, key=order, default=())
-
         # No solution left (-1 whatever comes), in_order: the unused cards in order, "+" between.
         if not plan and self.in_order:
             left = [v for k, v in enumerate(self.values)
@@ -431,32 +378,24 @@ class _Formula(_Env):
     def cot_values(self):
         token = self.action_names[self.correct_action()]
         complete = len(self.formula) <= self.max_len and evaluate(self.written) == self.target
-        if token != "=":
-            thoughts = f"next {token}"
-        elif complete:
-            thoughts = "complete"
-        else:
-            thoughts = "stuck"
+        thoughts = f"next {token}" if token != "=" else "complete" if complete else "stuck"
         shown = " ".join("_" if t == BLANK else t for t in self.formula)  # a blank, visibly
         return [("cards", " ".join(map(str, self.values))), ("formula", shown or "empty"),
                 ("thoughts", thoughts)]
 
     def render(self):
-        """The cards, then the formula: an entry per 14-px cell, the tiny model's patch, 8 a row."""
+        """The cards, then the formula: an entry per 14-px cell (the tiny model's patch), 8 a row,
+        black on white like the cards' ranks; a blank is an empty white cell: a slot taken."""
         img = Image.new("RGB", (self.image_size,) * 2, (0, 110, 50))
         draw = ImageDraw.Draw(img)
         for i, card in enumerate(self.cards):
             _draw_card(draw, self.cards_at[0] + self.cards_at[1] * i, self.cards_at[2], card)
-        draw.text((2, 31), "Formula:", fill="white", font=_font(10))
-
-        # Black on white, like the cards' ranks: legible to a tiny model. A blank is an empty
-        # white cell: the model can see that the slot is taken.
+        draw.text((2, 31), "Formula:", fill="white", font=FONTS[10])
         for k, token in enumerate(self.formula):
-            x = 14 * (k % 8)
-            y = 42 + 14 * (k // 8)
+            x, y = 14 * (k % 8), 42 + 14 * (k // 8)
             draw.rectangle((x, y, x + 13, y + 13), fill="white")
             if token != BLANK:
-                draw.text((x + 7, y + 7), token, fill="black", font=_font(12), anchor="mm")
+                draw.text((x + 7, y + 7), token, fill="black", font=FONTS[12], anchor="mm")
         return img
 
 class EZPoints(_Formula):
@@ -469,8 +408,7 @@ class EZPoints(_Formula):
     task = ('Build a formula worth 12 from the 2 cards, each used once (J, Q, K are 10), token by '
             'token; "=" ends it.')
 
-    def _cards(self):
-        # The second value makes 12 with the first: 12 / v on a coin flip when whole, else 12 - v.
+    def _cards(self):  # a second value making 12: 12 / v on a coin flip when whole, else 12 - v
         first = RANKS[self.rng.randint(1, 12)]  # ranks 2 .. K
         v = VALUE[first]
         w = 12 // v if v in (1, 2, 3, 4, 6) and self.rng.random() < 0.5 else 12 - v
