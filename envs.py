@@ -1,21 +1,15 @@
 """Four tiny visual games for RL fine-tuning of a vision-language model (after RL4VLM, Zhai et al.
-2024). The agent sees a state only as a small RGB image; `demo` writes a noisy demonstrator's
-answer.
+2024), each state shown only as a small RGB image; `demo` writes a noisy demonstrator's answer.
 - NumberLine: step the current number toward the target.
-- Blackjack: Gymnasium Blackjack-v1 rules (infinite deck, dealer stands on soft 17, no natural
-  bonus), with its exact optimal policy by dynamic programming.
-- EZPoints / Points24, by the paper's rules: a formula worth 12 / 24 from the cards, a token a
-  step. A number with no unused card costs -1 and takes a slot as a blank. "=" ends: +10 if the
-  formula (blanks ignored) uses each card once and is worth the target, else -1; any step on over
-  5 / 20 entries ends at -1 (at most 7 / 22 steps). Success: total reward > 0 (the paper's).
+- Blackjack: Blackjack-v1 (infinite deck, dealer stands on soft 17, no natural bonus), solved by DP.
+- EZPoints / Points24, the paper's rules: a formula worth 12 / 24 from the cards, a token a step;
+  a number with no unused card: -1, a slot left blank; "=", or a step on over 5 / 20 entries,
+  ends: +10 if it fits, uses each card once and is worth the target, else -1. Success: return > 0.
 Differences from the paper's code:
-- exact evaluation, not eval of the text: "2" "4" is not 24, x / 0 is not well formed, and
-  8 / (3 - 8 / 3) is 24 (eval: 23.99...);
-- an over-long formula is a loss, terminated (the paper: truncated, which vlm_rl.py would
-  bootstrap from the last state's value);
+- exact values, not eval(): "2" "4" is not 24, x / 0 is ill formed, 8 / (3 - 8 / 3) is 24;
+- an over-long formula is a loss, terminated (the paper: truncated, which vlm_rl.py bootstraps);
 - EZPoints deals a second card worth 10 as any of 10, J, Q, K (the paper: always a 10);
-- our pictures: 112 px, drawn cards, a 14-px cell per formula entry, empty for a blank (the
-  paper: 300 px card images, the formula as text);
+- our pictures: 112 px, drawn cards, a 14-px cell per entry (the paper: 300 px card images, text);
 - vlm_rl.py scores each answer under the picture it was sampled with (the paper: the first);
 - our demonstrator (the paper's env code has none): on an unsolvable Points24 deal it writes the
   cards in order, "+" between, then "=" (-1, like "=" at once, which taught RL to give up).
@@ -27,25 +21,17 @@ from fractions import Fraction
 
 from PIL import Image, ImageDraw, ImageFont
 
-FONTS = {size: ImageFont.load_default(size=size) for size in (10, 12, 13, 16)}  # no font files
+@functools.cache
+def font(size):  # Pillow's bundled font, on first use: no font files, no work at import
+    return ImageFont.load_default(size=size)
 
 class _Env:
-    """What a game defines for vlm_rl.py to train on it:
-    - class attributes `name` (the --env name), `action_names` (an action indexes this list),
-      `image_size` (pixels a side), `task` (the prompt's text), `cot_fields` (the prompt's JSON
-      thought fields), `default_noise` (the demonstrator's mistake rate) and `max_steps` (where
-      bounded, the longest episode; vlm_rl.py does not read it);
-    - `_deal()`: a new episode's state, from self.rng; `render()`: the state as a PIL image;
-    - `step(action) -> (image, reward, terminated, truncated, info)`, info = `info(success)`, a
-      dict with "success"; truncated only at a time limit (vlm_rl.py bootstraps it from the last
-      state's value), never for a loss;
-    - `correct_action()` and `cot_values()`: the demonstrator's choice and thoughts, (field, value)
-      pairs in `cot_fields`' order.
-    vlm_rl.py also uses `reset`, `demo` and `rng`. Checkpoints save vars(env) as JSON and restore
-    it before render(): keep the state in numbers, strings and lists (tuples come back as lists).
-    """
+    """A game for vlm_rl.py; README.md's "Add your own game" has the details. It defines `name`,
+    `action_names`, `image_size`, `task`, `cot_fields`, `default_noise`, `max_steps` (if bounded),
+    `_deal()`, `step(action)`, `info(success)`, `render()`, `correct_action()`, `cot_values()`.
+    State in plain attributes: numbers, strings, lists (checkpoints save it as JSON).
+    truncated only at a time limit (vlm_rl.py bootstraps it), never for a loss."""
     default_noise = 0.5
-
     def __init__(self):
         self.rng = random.Random()
         self.done = True  # stepping before the first reset() is an error
@@ -84,7 +70,6 @@ class NumberLine(_Env):
             "number in the image. Move the current number to the target by adding or subtracting "
             "one.")
     cot_fields = '"current number": "x", "target number": "x", "thoughts": "compare them"'
-
     def _deal(self):
         self.target = self.rng.randint(0, 5)
         self.current = self.rng.randint(0, 5)
@@ -121,18 +106,16 @@ class NumberLine(_Env):
         draw = ImageDraw.Draw(img)
         mid = self.image_size // 2
         for y, label, value in ((2, "Target", self.target), (30, "Current", self.current)):
-            draw.text((mid, y), label, fill="black", font=FONTS[12], anchor="mt")
-            draw.text((mid, y + 12), str(value), fill="black", font=FONTS[16], anchor="mt")
+            draw.text((mid, y), label, fill="black", font=font(12), anchor="mt")
+            draw.text((mid, y + 12), str(value), fill="black", font=font(16), anchor="mt")
         return img
 
-# --- Blackjack rules and the exact optimal policy
 RANKS = ["A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K"]
 SUITS = ["spades", "hearts", "diamonds", "clubs"]
 VALUE = {r: min(i + 1, 10) for i, r in enumerate(RANKS)}  # an ace is 1 here, +10 when usable
 P_VALUE = {v: (4 if v == 10 else 1) / 13 for v in range(1, 11)}  # infinite deck: 10 J Q K all 10
 
-def _add(total, soft, v):
-    """(total, soft) after a card of value v (soft: an ace counts 11); env and DP share it."""
+def _add(total, soft, v):  # (total, soft) after a card of value v; soft: an ace counts 11
     total += v
     if soft and total > 21:
         return total - 10, False  # the usable ace falls back to 1 instead of busting
@@ -145,8 +128,7 @@ def hand_value(cards):
     return functools.reduce(lambda hand, card: _add(*hand, VALUE[card[0]]), cards, (0, False))
 
 @functools.cache
-def _dealer_final(total, soft):
-    """{final dealer total (22 = bust): probability} for a dealer holding (total, soft)."""
+def _dealer_final(total, soft):  # {the dealer's final total (22: bust): probability}
     if total >= 17:  # includes soft 17: the dealer stands on it
         return {min(total, 22): 1.0}
     dist = {}
@@ -156,16 +138,14 @@ def _dealer_final(total, soft):
     return dist
 
 @functools.cache
-def _stand(total, up):
-    """(win, draw, loss) of standing on `total` against a dealer showing value `up`."""
+def _stand(total, up):  # (win, draw, loss) of standing on total against an up card worth up
     dist = _dealer_final(*_add(0, False, up))  # the hidden card is just another fresh draw
     win = sum(q for f, q in dist.items() if f == 22 or f < total)
     draw = dist.get(total, 0.0)
     return win, draw, 1.0 - win - draw
 
 @functools.cache
-def _best(total, soft, up):
-    """(expected return, action) of optimal play from here; hit only when strictly better."""
+def _best(total, soft, up):  # (expected return, action) of optimal play; hit only if better
     if total > 21:
         return -1.0, 0
     win, _, loss = _stand(total, up)
@@ -174,24 +154,20 @@ def _best(total, soft, up):
 
 @functools.cache
 def blackjack_optimal():
-    """{(player_total, soft, dealer_up_value 1..10): action (0 stand, 1 hit)} maximizing return.
-    Hard totals run 4..21 (2+2 is the lowest hand), soft totals 12..21 (A+A is the lowest)."""
+    """{(player total: 4..21 hard, 12..21 soft, soft, dealer's up value): 0 stand or 1 hit}."""
     return {(t, s, up): _best(t, s, up)[1] for t in range(4, 22) for s in (False, True)
             if t >= 12 or not s for up in range(1, 11)}
 
-# --- Card pictures. The bundled font has no suit glyphs: a suit is tiny shapes, each an ellipse
-# or a polygon ("e" or "p") and its flat x, y offsets from the suit's centre.
 CARD_W, CARD_H = 20, 28
 STEM = ("p", (0, 0, -2, 4, 2, 4))
-SUIT_SHAPES = {
+SUIT_SHAPES = {  # the font has no suit glyphs: ("e" ellipse or "p" polygon, flat x, y offsets)
     "diamonds": [("p", (0, -4, 3, 0, 0, 4, -3, 0))],
     "hearts": [("e", (-4, -3, 0, 1)), ("e", (0, -3, 4, 1)), ("p", (-4, 0, 4, 0, 0, 4))],
     "spades": [("p", (-4, 0, 4, 0, 0, -4)), ("e", (-4, -1, 0, 3)), ("e", (0, -1, 4, 3)), STEM],
     "clubs": [("e", (-2, -5, 2, -1)), ("e", (-5, -2, -1, 2)), ("e", (1, -2, 5, 2)), STEM],
 }
 
-def _draw_card(draw, x, y, card=None):
-    """A face-up (rank, suit) card, its top-left corner at (x, y); the back if card is None."""
+def _draw_card(draw, x, y, card=None):  # a (rank, suit) card at top-left (x, y), None: the back
     box = (x, y, x + CARD_W - 1, y + CARD_H - 1)
     if card is None:  # the back: dark with an inner frame, so it never looks like a face
         draw.rectangle(box, fill="navy", outline="black")
@@ -199,7 +175,7 @@ def _draw_card(draw, x, y, card=None):
         return
     rank, suit = card
     draw.rectangle(box, fill="white", outline="black")
-    draw.text((x + CARD_W // 2, y + 2), rank, fill="black", font=FONTS[13], anchor="mt")
+    draw.text((x + CARD_W // 2, y + 2), rank, fill="black", font=font(13), anchor="mt")
     color = "red" if suit in ("hearts", "diamonds") else "black"
     centre = (x + CARD_W // 2, y + 20)
     for kind, coords in SUIT_SHAPES[suit]:
@@ -215,7 +191,6 @@ class Blackjack(_Env):
             "Choose to hit (take a card) or stand (stop). Get closer to 21 than the dealer without "
             "going over 21.")
     cot_fields = '"thoughts": "the dealer\'s card, my cards and my total"'
-
     def _draw(self):
         return self.rng.choice(RANKS), self.rng.choice(SUITS)
 
@@ -256,22 +231,20 @@ class Blackjack(_Env):
         draw = ImageDraw.Draw(img)
         _draw_card(draw, 4, 4, self.dealer[0])
         _draw_card(draw, 26, 4, None)
-        draw.text((52, 18), "Dealer", fill="white", font=FONTS[12], anchor="lm")
-        draw.text((4, 40), "Player", fill="white", font=FONTS[12], anchor="lm")
+        draw.text((52, 18), "Dealer", fill="white", font=font(12), anchor="lm")
+        draw.text((4, 40), "Player", fill="white", font=font(12), anchor="lm")
         for i, card in enumerate(self.player):  # rows of five; an 11th card would fall off
             _draw_card(draw, 2 + 22 * (i % 5), 52 + 30 * (i // 5), card)
         return img
 
-# --- EZPoints and Points24: a formula over the cards' values that equals the target
 NUMBERS = [str(v) for v in range(1, 11)]  # the number tokens: a card's values
 BLANK = " "  # the formula entry of a mistaken number (the paper's; "_" in the thoughts)
 OPS = {"+": Fraction.__add__, "-": Fraction.__sub__, "*": Fraction.__mul__,
        "/": Fraction.__truediv__}
 
 def evaluate(tokens):
-    """Exact value (a Fraction) of a list of tokens; None if not well formed or dividing by 0.
-    It splits at the operator applied last, the last + or - outside brackets, else the last * or
-    /: * binds tighter and equal operators go left to right."""
+    """Exact value (a Fraction) of a list of tokens; None if ill formed or dividing by 0. Splits
+    at the last + or - outside brackets, else the last * or /: * binds tighter, ties go left."""
     depth = 0
     split = -1
     for k, token in enumerate(tokens):
@@ -291,8 +264,7 @@ def evaluate(tokens):
 
 @functools.cache
 def solutions(values, ops, target=None):
-    """{value: {tokens: precedence}} of formulas using each sorted value once (if given, only the
-    target's). Brackets only where needed."""
+    """{value: {tokens: precedence}}: formulas using each value once (if set, only the target's)."""
     if len(values) == 1:
         return {Fraction(values[0]): {(str(values[0]),): 3}}
     out = {}
@@ -310,14 +282,12 @@ def solutions(values, ops, target=None):
                 out.setdefault(OPS[op](a, b), {})[ta + (op,) + tb] = prec
     return out
 
-class _Formula(_Env):
-    """State: `cards`, a list of (rank, suit), and `formula`, the entries so far (blanks too)."""
+class _Formula(_Env):  # state: cards, (rank, suit) pairs, and formula, the entries (blanks too)
     image_size = 112
     default_noise = 0.7  # EZPoints: as NumberLine's, SFT starts low (the paper's SFT: 23%)
     cards_at = (4, 24, 2)  # the first card's x, the stride, y
     in_order = False  # plans and dead ends keep the cards' order
     cot_fields = '"cards": "their values", "formula": "the tokens so far", "thoughts": "next"'
-
     @property
     def values(self):
         return [VALUE[rank] for rank, _ in self.cards]
@@ -355,9 +325,7 @@ class _Formula(_Env):
         return {"success": success, "cards": self.values, "formula": list(self.formula),
                 "steps": self.steps}
 
-    def correct_action(self):
-        """On along the shortest solution that the formula's tokens begin and that still fits in
-        the slots left (in_order: in the cards' order first), else "="."""
+    def correct_action(self):  # on along the shortest fitting solution the formula begins, or "="
         written = self.written
         n = len(written)
         free = self.max_len - len(self.formula) + n  # slots for tokens: max_len less the blanks
@@ -367,8 +335,7 @@ class _Formula(_Env):
             return (self.in_order and not in_card_order, len(plan))
         plans = (s for s in found.get(self.target, ()) if list(s[:n]) == written and len(s) <= free)
         plan = min(plans, key=order, default=())
-        # No solution left (-1 whatever comes), in_order: the unused cards in order, "+" between.
-        if not plan and self.in_order:
+        if not plan and self.in_order:  # no solution: the unused cards in order, "+" between
             left = [v for k, v in enumerate(self.values)
                     if self.values[:k + 1].count(v) > written.count(str(v))]
             ends_operand = "".join(written[-1:]) in NUMBERS + [")"]
@@ -383,19 +350,17 @@ class _Formula(_Env):
         return [("cards", " ".join(map(str, self.values))), ("formula", shown or "empty"),
                 ("thoughts", thoughts)]
 
-    def render(self):
-        """The cards, then the formula: an entry per 14-px cell (the tiny model's patch), 8 a row,
-        black on white like the cards' ranks; a blank is an empty white cell: a slot taken."""
+    def render(self):  # the formula: 8 a row, one entry a 14-px cell (a patch), blank: empty
         img = Image.new("RGB", (self.image_size,) * 2, (0, 110, 50))
         draw = ImageDraw.Draw(img)
         for i, card in enumerate(self.cards):
             _draw_card(draw, self.cards_at[0] + self.cards_at[1] * i, self.cards_at[2], card)
-        draw.text((2, 31), "Formula:", fill="white", font=FONTS[10])
+        draw.text((2, 31), "Formula:", fill="white", font=font(10))
         for k, token in enumerate(self.formula):
             x, y = 14 * (k % 8), 42 + 14 * (k // 8)
             draw.rectangle((x, y, x + 13, y + 13), fill="white")
             if token != BLANK:
-                draw.text((x + 7, y + 7), token, fill="black", font=FONTS[12], anchor="mm")
+                draw.text((x + 7, y + 7), token, fill="black", font=font(12), anchor="mm")
         return img
 
 class EZPoints(_Formula):
@@ -407,7 +372,6 @@ class EZPoints(_Formula):
     action_names = NUMBERS + list("+*=")
     task = ('Build a formula worth 12 from the 2 cards, each used once (J, Q, K are 10), token by '
             'token; "=" ends it.')
-
     def _cards(self):  # a second value making 12: 12 / v on a coin flip when whole, else 12 - v
         first = RANKS[self.rng.randint(1, 12)]  # ranks 2 .. K
         v = VALUE[first]
@@ -427,6 +391,5 @@ class Points24(_Formula):
     default_noise = 0.3  # up to 12 steps to a solution: at 0.7 it would hardly ever show one
     cards_at = (11, 28, 0)  # ranks centred in 14-px patches (README.md: why)
     in_order = True  # learnable plans (README.md: why)
-
     def _cards(self):  # nothing guarantees a solution: about 73% of deals have one
         return [(self.rng.choice(RANKS), self.rng.choice(SUITS)) for _ in range(4)]
