@@ -6,33 +6,33 @@ vlm_rl: fine-tune a vision-language model (VLM) as a decision-making agent with 
 The method, in the order the data flows through this file (paper step -> function):
   1. The agent sees a picture of the game and a prompt: the task, the legal actions and the
      answer format, JSON with chain-of-thought (CoT) fields first, "action" last.  build_prompt
-  2. The VLM samples an answer at temperature T, a whole batch of games at once.  generate, Runner
-  3. A parser maps the answer to a legal action; an unparseable, illegal or cut-off answer
+  2. The VLM samples answers at temperature T, a batch of games at once.  generate, Runner
+  3. A parser maps an answer to a legal action; an unparseable, illegal or cut-off answer
      becomes a random legal action, flagged invalid and penalised.  parse_action, Runner.step
   4. The answer's log-probability weighs the thought tokens by lambda (paper: 0.5):
          log pi(answer) = lambda * sum log p(thought tokens) + sum log p(action tokens)
      The action part starts at the token holding the start of `"action"`, found from the
-     decoded text, so it works with any tokenizer.  action_token_mask, answer_logprob, score
+     decoded text, so any tokenizer works.  action_token_mask, answer_logprob, score
   5. A value head (an MLP) reads the final hidden state of the last prompt token.  Agent, score
-  6. PPO at env-step granularity, one whole answer one action: GAE over env steps, clipped
-     surrogate and clipped value loss, normalised advantages.  gae, ppo_loss, collect_rollout,
+  6. PPO at env-step granularity, a whole answer one action: GAE over env steps, clipped
+     surrogate and value losses, normalised advantages.  gae, ppo_loss, collect_rollout,
      ppo_update, train
-  Before RL, a supervised warm start on CoT demonstrations teaches the format.  sft
+  Before RL, a warm start (SFT) on CoT demonstrations teaches the format.  sft
   Evaluation plays held-out deals that training never sees; an invalid answer loses.  evaluate
 
 Simplifications and differences from the paper's code (all deliberate):
   1. The default model is a tiny random-init Llava (CLIP + Llama) with a BPE tokenizer trained
-     offline on the game's own text, so everything runs on a CPU in minutes.
+     offline on the game's text, so everything runs on a CPU in minutes.
   2. The SFT demonstrator reads the state right but picks a wrong action with probability
-     --demo-noise, so SFT teaches format and perception, and RL must learn the decisions.
-  3. Old log-probs and values come from a scoring pass right after sampling (no reference model,
-     no KL penalty), as in the paper's code.
-  4. A constant or linearly annealed lr (paper: cosine), AdamW minibatches of --minibatch-size
-     (paper: 1 sample x 128 accumulation steps), grad-norm clip 1.0 (paper: 0.01), time-limit
-     truncation bootstraps from V(last state) (paper: a terminal zero). Per-game PRESETS are
-     tuned for the tiny model.
-  5. With --dtype bfloat16 the frozen weights are bf16; everything trained (and its AdamW state)
-     stays float32 and matmuls run under autocast. LoRA is merged in float32.
+     --demo-noise: SFT teaches format and perception, RL must learn the decisions.
+  3. Old log-probs and values come from a scoring pass right after sampling (no reference
+     model, no KL penalty), as in the paper's code.
+  4. A constant or linearly annealed lr (paper: cosine), AdamW minibatches (paper: 1 sample x
+     128 accumulation steps), grad-norm clip 1.0 (paper: 0.01), time-limit truncation
+     bootstraps from V(last state) (paper: a terminal zero); PRESETS tuned per game.
+  5. An answer without a parseable action counts whole as its action part (paper: a constant).
+  6. With --dtype bfloat16 the frozen weights are bf16, everything trained (and its AdamW
+     state) float32, matmuls under autocast; LoRA is merged in float32.
 
 Commands (README.md has more):
   python vlm_rl.py --env numberline              # tiny model, CPU, a few minutes
@@ -68,13 +68,15 @@ from tqdm import tqdm
 import envs
 
 ENVS = {cls.name: cls for cls in (envs.NumberLine, envs.Blackjack, envs.EZPoints, envs.Points24)}
-# Held-out evaluation episode k is dealt from seed EVAL_SEED + k; training seeds stay below.
+# Held-out episode k is dealt from seed EVAL_SEED + k (the test deals results report) or
+# VALID_SEED + k (validation deals, to choose settings on); training seeds stay below both.
 EVAL_SEED = 10 ** 9
+VALID_SEED = 2 * 10 ** 9
 
-# --- Config: one dataclass; its fields are the command-line flags, their help the descriptions.
+# --- Config: one dataclass; its fields are the command-line flags, their help the descriptions
 
-def option(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default, help, choices=None):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 @dataclasses.dataclass
 class Config:
@@ -97,7 +99,8 @@ class Config:
     minibatch_size: int = option(64, "samples per PPO minibatch")
     micro_batch: int = option(0, "rows per forward/backward, gradients accumulate (0: all at once)")
     lr: float | None = option(None, "PPO learning rate (default: 2e-5, or 1e-4 with LoRA)")
-    lr_anneal: float = option(0.0, "the lr falls linearly by this fraction over the run (1: to 0)")
+    value_lr: float | None = option(None, "the value head's learning rate (default: --lr's)")
+    lr_anneal: float = option(0.0, "the lrs fall linearly by this fraction over the run (1: to 0)")
     vf_coef: float = option(0.5, "weight of the value loss")
     value_clip: float = option(0.1, "new values stay within +-value_clip of the old (0: off)")
     ent_coef: float = option(0.0, "bonus on the entropy of the action tokens")
@@ -106,18 +109,19 @@ class Config:
     sft_steps: int | None = option(None, "SFT steps (default: the game's preset)")
     sft_batch: int = option(32, "demonstrations per SFT step")
     sft_lr: float | None = option(None, "SFT learning rate (default: 3e-4, or 1e-3 with LoRA)")
-    demo_noise: float | None = option(None, "P(the demonstrator picks a wrong action) "
-                                            "(default: the game's own)")
+    demo_noise: float | None = option(None, "P(the demonstrator acts wrong) (default: the game's)")
     # evaluation and outputs
-    eval_episodes: int | None = option(None, "held-out episodes per evaluation "
-                                             "(default: the game's preset)")
+    eval_on: str = option("test", "held-out deals to play (choose settings on valid, report test)",
+                          ["test", "valid"])
+    eval_greedy: bool = option(False, "evaluations also play the deals greedily (T = 0)")
+    eval_episodes: int | None = option(None, "held-out episodes an evaluation (default: preset)")
     seed: int = option(1, "random seed (also of the built-in model's tokenizer and weights)")
     save_every: int = option(1, "checkpoint every N PPO updates")
     resume: str = option("", "an --out-dir to continue from its checkpoint.safetensors")
     out_dir: str = option("", "output directory (default: runs/<env>-s<seed>)")
     # model, precision, hardware
     device: str | None = option(None, "cpu or cuda (default: cuda if available)")
-    dtype: str = option("float32", "float32 or bfloat16: of the frozen weights and the matmuls")
+    dtype: str = option("float32", "of the frozen weights and the matmuls", ["float32", "bfloat16"])
     lora_rank: int = option(0, "> 0: LoRA on every linear layer but lm_head")
     lora_alpha: float = option(16.0, "LoRA alpha (the adapters are scaled by alpha / rank)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward (saves memory)")
@@ -126,7 +130,7 @@ class Config:
 PRESETS = {
     "numberline": dict(total_steps=5120, sft_steps=400, eval_episodes=1000),
     # Blackjack's reward is noisy: bigger batches, fewer epochs, a smaller step. gamma 1: the
-    # objective is the outcome of the hand (0.9 would make every hit look worse). The lr anneals
+    # objective is the hand's outcome (0.9 would make every hit look worse). The lr anneals
     # to zero to settle close calls (16 against a 10).
     "blackjack": dict(total_steps=40960, sft_steps=1000, eval_episodes=5000, num_envs=128,
                       minibatch_size=128, epochs=2, lr=5e-5, lr_anneal=1.0, gamma=1.0,
@@ -138,51 +142,41 @@ PRESETS = {
                      epochs=2, lr=1e-5),
 }
 
-# A resumed run must keep these (its games, its weights' shapes).
-RESUME_MUST_MATCH = ("env", "model", "num_envs", "num_steps", "lora_rank")
+# A resumed run must keep these: its games and weights (the built-in model's come from the seed).
+RESUME_MUST_MATCH = ("env", "model", "num_envs", "num_steps", "lora_rank", "lora_alpha")
 
 def parse_config(argv=None):
     """Flags -> (Config, the checkpoint's state or None). Bad input: a one-line error."""
     parser = build_parser()
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     ckpt = None
-    if given.get("resume"):
-        # continue a run: its own config, unless a flag overrides it
+    if given.get("resume"):  # continue a run: its own config, unless a flag overrides it
         ckpt = read_resume_state(parser, given["resume"])
-        for k in RESUME_MUST_MATCH:
+        must_match = RESUME_MUST_MATCH + (() if ckpt["config"]["model"] else ("seed",))
+        for k in must_match:
             saved = ckpt["config"][k]
             if given.setdefault(k, saved) != saved:
-                flag = "--" + k.replace("_", "-")
-                parser.error(f"--resume {given['resume']!r}: that run has {flag} {saved!r}, "
-                             f"not {given[k]!r}")
+                parser.error(f"--resume {given['resume']!r}: that run has --"
+                             f"{k.replace('_', '-')} {saved!r}, not {given[k]!r}")
         given = {**ckpt["config"], "out_dir": given["resume"], **given}
     env = given.get("env", Config.env)
-    if env not in ENVS:
-        parser.error(f"unknown env {env!r}; choose from {sorted(ENVS)}")
     cfg = Config(**{**PRESETS.get(env, {}), **given})
     for k in ("total_steps", "sft_steps", "eval_episodes"):
         if getattr(cfg, k) is None:
             parser.error(f"--{k.replace('_', '-')} is needed: {env} has no preset")
 
     # the defaults that depend on other settings
-    if cfg.lr is None:
-        cfg.lr = 1e-4 if cfg.lora_rank else 2e-5
-    if cfg.sft_lr is None:
-        cfg.sft_lr = 1e-3 if cfg.lora_rank else 3e-4
-    if cfg.max_new_tokens is None:
-        cfg.max_new_tokens = 256 if cfg.model else 48
-    if cfg.demo_noise is None:
-        cfg.demo_noise = ENVS[env].default_noise
-    if cfg.device is None:
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not cfg.out_dir:
-        cfg.out_dir = f"runs/{cfg.env}-s{cfg.seed}"
-
+    cfg.lr = cfg.lr or (1e-4 if cfg.lora_rank else 2e-5)
+    cfg.sft_lr = cfg.sft_lr or (1e-3 if cfg.lora_rank else 3e-4)
+    cfg.value_lr = cfg.value_lr or cfg.lr
+    cfg.max_new_tokens = cfg.max_new_tokens or (256 if cfg.model else 48)
+    cfg.demo_noise = ENVS[env].default_noise if cfg.demo_noise is None else cfg.demo_noise
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.out_dir = cfg.out_dir or f"runs/{cfg.env}-s{cfg.seed}"
     error = check_config(cfg, given)
     if error:
         parser.error(error)
-    batch = cfg.num_envs * cfg.num_steps
-    cfg.minibatch_size = min(cfg.minibatch_size, batch)  # a preset's minibatch never exceeds it
+    cfg.minibatch_size = min(cfg.minibatch_size, cfg.num_envs * cfg.num_steps)  # presets' too
     return cfg, ckpt
 
 def build_parser():
@@ -200,10 +194,10 @@ def build_parser():
         if f.type is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help)
             continue
-        kind = typing.get_args(f.type)[0] if typing.get_args(f.type) else f.type
         if f.default not in (None, ""):
             help += f" (default: {f.default})"
-        choices = sorted(ENVS) if f.name == "env" else None
+        kind = typing.get_args(f.type)[0] if typing.get_args(f.type) else f.type
+        choices = sorted(ENVS) if f.name == "env" else f.metadata["choices"]
         parser.add_argument(flag, type=kind, default=None, choices=choices, help=help)
     return parser
 
@@ -217,7 +211,7 @@ def read_resume_state(parser, run):
     try:
         with safe_open(path, "pt") as f:
             state = json.loads(f.metadata()["state"])
-        [state["config"][k] for k in RESUME_MUST_MATCH]
+        [state["config"][k] for k in RESUME_MUST_MATCH + ("seed",)]
     except Exception as e:
         parser.error(f"--resume {run!r}: not a vlm_rl checkpoint ({type(e).__name__})")
     return state
@@ -227,32 +221,28 @@ def check_config(c, given):
     batch = c.num_envs * c.num_steps
     ranks = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes, each with its own envs
     counts = (c.num_envs, c.num_steps, c.minibatch_size, c.sft_batch, c.save_every, c.epochs)
-    if not (0 <= c.thought_coef <= 1 and 0 <= c.lr_anneal <= 1):
-        return "--thought-coef, --lr-anneal must be in [0, 1]"
-    if not 0 < c.temperature <= 10:
-        return "--temperature must be in (0, 10]"
-    if not (0 < c.lr < 1 and 0 < c.sft_lr < 1):
-        return "learning rates must be in (0, 1)"
-    if min(counts) < 1:
-        return ("--num-envs, --num-steps, --minibatch-size, --sft-batch, --save-every and "
-                "--epochs must be >= 1")
-    if min(c.total_steps, c.sft_steps, c.eval_episodes, c.micro_batch, c.max_new_tokens) < 0:
-        return "negative count"
-    if 0 < c.total_steps < batch * ranks:
-        return f"--total-steps {c.total_steps} is below one PPO update ({batch * ranks})"
-    if given.get("minibatch_size", 0) > batch:
-        return f"--minibatch-size {c.minibatch_size} is larger than {batch}"
-    if not 0 <= c.seed < 10 ** 5:  # training seeds stay below EVAL_SEED
-        return "--seed must be in [0, 100000)"
-    if not 0 <= c.demo_noise <= 1:
-        return "--demo-noise must be in [0, 1]"
-    if c.dtype not in ("float32", "bfloat16"):
-        return f"--dtype {c.dtype!r}: use float32 or bfloat16"
-    if c.device.startswith("cuda") and not torch.cuda.is_available():
-        return "--device cuda: CUDA is not available"
-    return None
+    problems = [
+        (not (0 <= c.thought_coef <= 1 and 0 <= c.lr_anneal <= 1),
+         "--thought-coef, --lr-anneal must be in [0, 1]"),
+        (not 0 < c.temperature <= 10, "--temperature must be in (0, 10]"),
+        (not (0 < c.lr < 1 and 0 < c.sft_lr < 1 and 0 < c.value_lr < 1),
+         "learning rates must be in (0, 1)"),
+        (min(counts) < 1, "--num-envs, --num-steps, --minibatch-size, --sft-batch, --save-every "
+                          "and --epochs must be >= 1"),
+        (min(c.total_steps, c.sft_steps, c.eval_episodes, c.micro_batch, c.max_new_tokens) < 0,
+         "negative count"),
+        (0 < c.total_steps < batch * ranks,
+         f"--total-steps {c.total_steps} is below one PPO update ({batch * ranks})"),
+        (given.get("minibatch_size", 0) > batch,
+         f"--minibatch-size {c.minibatch_size} is larger than {batch}"),
+        (not 0 <= c.seed < 10 ** 5, "--seed must be in [0, 100000)"),  # below the eval seeds
+        (not 0 <= c.demo_noise <= 1, "--demo-noise must be in [0, 1]"),
+        (c.device.startswith("cuda") and not torch.cuda.is_available(),
+         "--device cuda: CUDA is not available"),
+    ]
+    return next((message for bad, message in problems if bad), None)
 
-# --- Prompt and parser: the task, the legal actions, the answer format (CoT first, then the action)
+# --- Prompt and parser: the task, the legal actions, the answer format (CoT first, then action)
 
 def build_prompt(env, cot=True):
     actions = " or ".join(f'"{a}"' for a in env.action_names)
@@ -265,19 +255,16 @@ ACTION_RE = re.compile(r'"action"\s*:\s*"([^"\n]{0,40})"')
 Parsed = collections.namedtuple("Parsed", "action action_start")
 
 def parse_action(text, action_names):
-    """Parsed(action index or None if invalid, character offset where `"action"` starts).
-
-    The first `"action": "<value>"` in the text wins; the value must equal a legal action name
-    (case and surrounding spaces ignored). No match: Parsed(None, len(text)), every token is a
-    thought token. The text is only matched, never run.
-    """
+    """Parsed(action index or None if invalid, character where `"action"` starts). The first
+    `"action": "<value>"` wins; the value must be a legal action name (case and surrounding
+    spaces ignored). No match: Parsed(None, 0), the whole answer counts as its action, so that
+    the invalid-answer penalty reaches it at any lambda. The text is only matched, never run."""
     match = ACTION_RE.search(text[:4096])  # answers are short; bound the work on hostile text
     if match is None:
-        return Parsed(None, len(text))
+        return Parsed(None, 0)
     value = match.group(1).strip().lower()
     names = [a.lower() for a in action_names]
-    action = names.index(value) if value in names else None
-    return Parsed(action, match.start())
+    return Parsed(names.index(value) if value in names else None, match.start())
 
 # --- Rollout: one batched generate call samples every environment's answer
 
@@ -303,8 +290,8 @@ def sampling_kwargs(agent, temperature, max_new_tokens):
 
 @torch.no_grad()
 def generate(agent, inputs, temperature, max_new_tokens):
-    """Sample one answer per prompt: a list of 1-D token tensors, each cut after its first
-    end-of-turn token (an answer without one was cut off by the length limit)."""
+    """One answer per prompt: 1-D token tensors, each cut after its first end-of-turn token
+    (an answer without one was cut off by the length limit)."""
     with agent.autocast():
         out = agent.vlm.generate(**inputs, **sampling_kwargs(agent, temperature, max_new_tokens))
     answers = out[:, inputs["input_ids"].shape[1]:].cpu()  # [B, M]
@@ -316,11 +303,9 @@ def generate(agent, inputs, temperature, max_new_tokens):
 Step = collections.namedtuple("Step", "samples rewards dones truncated successes invalid final_obs")
 
 class Runner:
-    """Steps a list of environments with the agent and resets finished episodes.
-
-    Env i is first dealt from seed + i * stride, later deals from its own RNG; with fresh_seeds
-    every deal takes the next seed (evaluation: episode k is always the same deal).
-    """
+    """Steps a list of environments with the agent and resets finished episodes. Env i is first
+    dealt from seed + i * stride, later from its own RNG; with fresh_seeds every deal takes the
+    next seed (evaluation: episode k is always the same deal)."""
 
     def __init__(self, agent, env_cls, n, seed, cfg, fresh_seeds=False, stride=1):
         self.agent, self.cfg, self.temperature = agent, cfg, cfg.temperature
@@ -333,11 +318,11 @@ class Runner:
     def step(self, idx=None):
         """Act in envs `idx` (default: all): sample answers, parse them, step the games."""
         idx = range(len(self.envs)) if idx is None else idx
-        images = [self.obs[i] for i in idx]
-        inputs = encode_prompts(self.agent, images, self.text).to(self.agent.device)
+        inputs = encode_prompts(self.agent, [self.obs[i] for i in idx], self.text)
+        inputs = inputs.to(self.agent.device)
         answers = generate(self.agent, inputs, self.temperature, self.cfg.max_new_tokens)
         texts = self.agent.tokenizer.batch_decode(answers, skip_special_tokens=True)
-        out = Step([], [], [], [], [], [], [])
+        rows = []
         for j, i in enumerate(idx):
             env = self.envs[i]
             action, action_start = parse_action(texts[j], env.action_names)
@@ -350,23 +335,18 @@ class Runner:
             self.obs[i] = final_obs
             if done:
                 self.obs[i] = env.reset(seed=next(self.seeds) if self.fresh else None)[0]
-            out.samples.append(prompt_sample(inputs, j, answers[j], action_start))
-            out.rewards.append(reward - self.cfg.invalid_penalty * invalid)
-            out.dones.append(done)
-            out.truncated.append(truncated and not terminated)
-            out.successes.append(info["success"])
-            out.invalid.append(invalid)
-            out.final_obs.append(final_obs)
-        return out
+            rows.append((prompt_sample(inputs, j, answers[j], action_start),
+                         reward - self.cfg.invalid_penalty * invalid, done,
+                         truncated and not terminated, info["success"], invalid, final_obs))
+        return Step(*map(list, zip(*rows)))  # a row per env -> a list per field
 
 # --- The lambda-weighted log-prob of an answer
 
 def action_token_mask(tokenizer, answer_ids, action_starts):
-    """[B, M] bool: True for the action part, the token that holds character action_starts[b]
-    of the decoded answer and all after it. Found by decoding prefixes (a binary search: a longer
-    prefix never decodes shorter), so it needs no knowledge of token ids."""
-    M = max(len(a) for a in answer_ids)
-    mask = torch.zeros(len(answer_ids), M, dtype=torch.bool)
+    """[B, M] bool: True for the action part, from the token that holds character
+    action_starts[b] of the decoded answer on. Found by decoding prefixes (a binary search: a
+    longer prefix never decodes shorter), so it needs no knowledge of token ids."""
+    mask = torch.zeros(len(answer_ids), max(len(a) for a in answer_ids), dtype=torch.bool)
     for b, (ids, start) in enumerate(zip(answer_ids, action_starts)):
         ids = list(ids)
 
@@ -378,8 +358,8 @@ def action_token_mask(tokenizer, answer_ids, action_starts):
     return mask
 
 def answer_logprob(token_logp, action_mask, valid, thought_coef):
-    """log pi = lambda * sum(thought token log-probs) + sum(action token log-probs).
-    [B, M] -> [B]. torch.where, not a product: -inf at padded positions cannot become NaN."""
+    """log pi = lambda * sum(thought token log-probs) + sum(action token log-probs), [B, M] ->
+    [B]. torch.where, not a product: -inf at padded positions cannot become NaN."""
     weight = torch.where(action_mask, 1.0, thought_coef)
     return torch.where(valid, token_logp * weight, 0.0).sum(-1)
 
@@ -392,11 +372,14 @@ def score(agent, batch, temperature):
     Only the last M + 1 positions get logits: no [B, P + M, vocab] tensor for the prompt."""
     inputs, P = collate(agent, batch, agent.device)
     M = inputs["input_ids"].shape[1] - P
+    if "image_grid_thw" not in inputs:  # (Qwen-VL and GLM-4V build their 3-D positions)
+        # positions as generate() gives them: counted from each row's first real token
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with agent.autocast():
         out = agent.vlm(**inputs, logits_to_keep=M + 1, output_hidden_states=True)
         last_prompt_token = out.hidden_states[-1][:, P - 1]  # [B, hidden]
         value = agent.value_head(last_prompt_token).squeeze(-1).float()  # [B]
-    logits = out.logits[:, :-1].float() / temperature  # [B, M, V]: position t predicts token t + 1
+    logits = out.logits[:, -(M + 1):-1].float() / temperature  # [B, M, V]: t predicts t + 1
     logits[..., agent.suppress] = float("-inf")  # never sampled either (an empty list: no-op)
     logp = torch.log_softmax(logits, -1)
     answers = inputs["input_ids"][:, P:]  # [B, M]
@@ -427,6 +410,12 @@ def gae(rewards, values, dones, next_value, gamma, gae_lambda):
         lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
         advantages[t] = lastgaelam
     return advantages, advantages + values
+
+def explained_variance(values, returns):
+    """1 - Var(returns - values) / Var(returns): 1 for a perfect critic, 0 for a constant one."""
+    if len(returns) < 2 or returns.var() == 0:
+        return float("nan")
+    return (1 - (returns - values).var() / returns.var()).item()
 
 # --- The PPO loss, on whole answers
 
@@ -509,10 +498,10 @@ def collect_rollout(agent, runner, cfg):
                    seconds)
 
 def ppo_update(agent, opt, samples, old_logp, advantages, returns, old_values, cfg, update):
-    """cfg.epochs passes over the rollout in shuffled minibatches. The tensors are flat, [S * E].
-    Returns per-minibatch stats: [policy loss, value loss, entropy, approx KL, clip fraction]
-    of every micro-batch, and the gradient norm of every optimizer step."""
-    params = opt.param_groups[0]["params"]
+    """cfg.epochs passes over the rollout in shuffled minibatches; the tensors are flat [S * E].
+    Returns [policy loss, value loss, entropy, approx KL, clip fraction] of every micro-batch,
+    and the gradient norm of every optimizer step."""
+    params = [p for group in opt.param_groups for p in group["params"]]
     agent.train()
     stats, grad_norms = [], []
     for epoch in range(cfg.epochs):
@@ -535,15 +524,15 @@ def ppo_update(agent, opt, samples, old_logp, advantages, returns, old_values, c
                 entropy = torch.where(action_mask & valid, entropy, 0.0).sum(-1).mean()
                 loss = loss - cfg.ent_coef * entropy
 
-                if not torch.isfinite(loss):  # NaN/inf in log-probs or values: stop before stepping
+                # NaN/inf in log-probs or values on any rank: every rank stops before stepping
+                if not all(gather(torch.isfinite(loss).item())):
                     sys.exit(f"vlm_rl.py: error: non-finite loss in PPO update {update}; the last "
                              f"good checkpoint (update {update - 1}) is kept in {cfg.out_dir}")
                 (loss * len(part) / len(mb)).backward()
                 stats.append([pg_loss.item(), v_loss.item(), entropy.item(),
                               loss_stats["approx_kl"], loss_stats["clip_frac"]])
             average_gradients(params)
-            grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            grad_norms.append(grad_norm.item())
+            grad_norms.append(nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item())
             opt.step()
     return stats, grad_norms
 
@@ -559,7 +548,7 @@ def train(agent, opt, runner, cfg, state, log, save):
         t_start = time.time()
         # linear lr annealing (CleanRL's anneal_lr), a function of the update: resumes alike
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * (1 - cfg.lr_anneal * (update - 1) / updates)
+            group["lr"] = group["initial_lr"] * (1 - cfg.lr_anneal * (update - 1) / updates)
 
         rollout = collect_rollout(agent, runner, cfg)
 
@@ -570,42 +559,35 @@ def train(agent, opt, runner, cfg, state, log, save):
         returns = returns.flatten().to(agent.device)
         old_logp = rollout.old_logp.flatten().to(agent.device)
         old_values = rollout.values.flatten().to(agent.device)
-        if returns.var() > 0:
-            explained_var = (1 - (returns - old_values).var() / returns.var()).item()
-        else:
-            explained_var = np.nan
-        if S * E > 1:  # one advantage has no spread to normalise by
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+        # normalised advantages and the critic's explained variance, over every rank's batch
+        explained_var = explained_variance(torch.cat(gather(old_values.cpu())),
+                                           torch.cat(gather(returns.cpu())))
+        all_advantages = torch.cat(gather(advantages.cpu()))
+        if len(all_advantages) > 1:  # one advantage has no spread to normalise by
+            mean, std = all_advantages.mean().item(), all_advantages.std().item()
+            advantages = (advantages - mean) / (std + 1e-8)
 
         t_ppo = time.time()
         stats, grad_norms = ppo_update(agent, opt, rollout.samples, old_logp, advantages,
                                        returns, old_values, cfg, update)
 
         # one metrics row for all ranks
-        gathered = gather((rollout.successes, rollout.invalid, stats, explained_var))
-        successes, invalid, rank_stats, explained_vars = zip(*gathered)
+        successes, invalid, rank_stats = zip(*gather((rollout.successes, rollout.invalid, stats)))
         pg_loss, v_loss, entropy, approx_kl, clip_frac = np.mean(sum(rank_stats, []), 0)
-        row = {"update": update,
-               "env_steps": update * S * E * ranks,
+        row = {"update": update, "env_steps": update * S * E * ranks,
                "train_success": np.mean(sum(successes, []) or [np.nan]),
                "invalid_rate": sum(invalid) / (S * E * ranks),
-               "policy_loss": pg_loss,
-               "value_loss": v_loss,
-               "entropy": entropy,
-               "approx_kl": approx_kl,
-               "clip_frac": clip_frac,
-               "explained_var": np.mean(explained_vars),
-               "grad_norm": np.mean(grad_norms),
-               **rollout.seconds,
-               "ppo_seconds": time.time() - t_ppo,
-               "seconds": time.time() - t_start}
+               "policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy,
+               "approx_kl": approx_kl, "clip_frac": clip_frac, "explained_var": explained_var,
+               "grad_norm": np.mean(grad_norms), **rollout.seconds,
+               "ppo_seconds": time.time() - t_ppo, "seconds": time.time() - t_start}
         log(row)
         state["update"] = update
         if update % cfg.save_every == 0 or update == updates:
             save()
-        bar.set_postfix(success=f"{row['train_success']:.2f}",
-                        invalid=f"{row['invalid_rate']:.1%}", pg=f"{pg_loss:.3f}",
-                        v=f"{v_loss:.3f}", kl=f"{approx_kl:.3f}")
+        bar.set_postfix(success=f"{row['train_success']:.2f}", ev=f"{explained_var:.2f}",
+                        invalid=f"{row['invalid_rate']:.1%}", kl=f"{approx_kl:.3f}")
 
 # --- SFT warm start: cross-entropy on the demonstrator's answers
 
@@ -631,9 +613,7 @@ def sft(agent, env_cls, cfg):
 
         # the mean is over every answer token of the batch, accumulated over micro-batches
         opt.zero_grad()
-        loss = 0.0
-        tokens = sum(map(len, answers))
-        micro = cfg.micro_batch or len(batch)
+        loss, tokens, micro = 0.0, sum(map(len, answers)), cfg.micro_batch or len(batch)
         for k in range(0, len(batch), micro):
             token_logp, _, valid, _ = score(agent, batch[k:k + micro], 1.0)
             part = -token_logp[valid].sum() / tokens
@@ -651,12 +631,11 @@ def sft(agent, env_cls, cfg):
 
 @torch.no_grad()
 def evaluate(agent, env_cls, cfg, episodes, greedy=False, watch=None):
-    """Success on held-out episodes: episode k is dealt from seed EVAL_SEED + k, so every
-    evaluation of a run (after SFT or RL, sampled or greedy) plays the same deals, which training
-    never sees. An episode with an invalid answer fails. Sampling uses a forked RNG: training's
-    streams are untouched. "paper_success": total reward > 0 (the paper's measure).
-    Under torchrun rank r plays episodes r, r + W, ... and the counts are summed.
-    `watch(episode, picture, step, j)`, if given, sees every step (scripts/episodes.py)."""
+    """Success on held-out episodes: episode k is dealt from seed EVAL_SEED + k (VALID_SEED + k
+    with --eval-on valid), so every evaluation of a run plays the same deals, which training never
+    sees. An episode with an invalid answer fails. Sampling uses a forked RNG: training's streams
+    are untouched. "paper_success": total reward > 0 (the paper's measure). Under torchrun rank
+    r plays episodes r, r + W, ... `watch(episode, picture, step, j)` sees every step."""
     agent.eval()
     rank, ranks = world()
     total = episodes
@@ -665,13 +644,13 @@ def evaluate(agent, env_cls, cfg, episodes, greedy=False, watch=None):
     devices = [agent.device] if agent.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed + 100003 * rank)
-        runner = Runner(agent, env_cls, n, EVAL_SEED + rank, cfg, fresh_seeds=True, stride=ranks)
+        first = (VALID_SEED if cfg.eval_on == "valid" else EVAL_SEED) + rank
+        runner = Runner(agent, env_cls, n, first, cfg, fresh_seeds=True, stride=ranks)
         runner.temperature = 0.0 if greedy else cfg.temperature
         # per env: the episode it plays, its return so far, whether it gave an invalid answer
         episode, ret, bad, dealt = list(range(n)), [0.0] * n, [False] * n, n
         wins, paper_wins, invalid, steps = 0, 0, 0, 0
-        bar = tqdm(total=episodes, desc="eval greedy" if greedy else "eval", leave=False,
-                   disable=rank > 0)
+        bar = tqdm(total=episodes, desc="eval", leave=False, disable=rank > 0)
         active = list(range(n))
         while active:
             shown = [runner.obs[i] for i in active]
@@ -698,15 +677,18 @@ def evaluate(agent, env_cls, cfg, episodes, greedy=False, watch=None):
             "invalid_rate": invalid / max(steps, 1), "episodes": total}
 
 def evaluations(agent, env_cls, cfg, when):
-    """Held-out success, sampled at the training temperature and greedy, printed; None without
-    episodes."""
+    """Held-out success, sampled at the training temperature (and greedy with --eval-greedy),
+    printed; None without episodes."""
     if not cfg.eval_episodes:
         return None
-    sampled = evaluate(agent, env_cls, cfg, cfg.eval_episodes, greedy=False)
-    greedy = evaluate(agent, env_cls, cfg, cfg.eval_episodes, greedy=True)
+    sampled = evaluate(agent, env_cls, cfg, cfg.eval_episodes)
+    greedy = None
+    if cfg.eval_greedy:
+        greedy = evaluate(agent, env_cls, cfg, cfg.eval_episodes, greedy=True)
     if world()[0] == 0:
-        print(f"{when}: success {sampled['success']:.3f} (greedy {greedy['success']:.3f}), "
-              f"invalid {sampled['invalid_rate']:.1%} ({cfg.eval_episodes} held-out episodes)")
+        also = f" (greedy {greedy['success']:.3f})" if greedy else ""
+        print(f"{when}: success {sampled['success']:.3f}{also}, invalid "
+              f"{sampled['invalid_rate']:.1%} ({cfg.eval_episodes} {cfg.eval_on} deals)")
     return {"sampled": sampled, "greedy": greedy}
 
 # --- main: SFT, evaluate, PPO, evaluate; metrics.csv, checkpoints, summary.json, the model
@@ -726,26 +708,28 @@ def main(argv=None):
 
     env_cls = ENVS[cfg.env]
     agent = load_agent(cfg, env_cls)
-    if ranks > 1:  # every rank starts from rank 0's weights (as DDP does)
-        for p in agent.parameters():
-            dist.broadcast(p.data, 0)
+    for p in agent.parameters() if ranks > 1 else []:  # rank 0's weights everywhere (as DDP)
+        dist.broadcast(p.data, 0)
     if rank == 0:
         millions = sum(p.numel() for p in agent.parameters()) / 1e6
         print(f"model: {cfg.model or 'built-in tiny Llava'} ({millions:.2f}M parameters), "
               f"env: {cfg.env}, device: {cfg.device}, dtype: {cfg.dtype}")
-    trained = [p for p in agent.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=cfg.lr, eps=1e-5)
+    policy = [p for p in agent.vlm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": policy, "initial_lr": cfg.lr},
+                             {"params": agent.value_head.parameters(), "initial_lr": cfg.value_lr}],
+                            lr=cfg.lr, eps=1e-5)
     runner = Runner(agent, env_cls, cfg.num_envs, cfg.seed * 1009 + rank * cfg.num_envs, cfg)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.safetensors")
 
     # SFT and its evaluation, or the state of the run that is resumed
     if ckpt is None:
+        t0 = time.time()
         if cfg.sft_steps:
             sft(agent, env_cls, cfg)
-        sft_eval = None
-        if cfg.total_steps:
-            sft_eval = evaluations(agent, env_cls, cfg, "after SFT")
-        state = {"config": dataclasses.asdict(cfg), "update": 0, "rows": [], "sft_eval": sft_eval}
+        t1 = time.time()
+        sft_eval = evaluations(agent, env_cls, cfg, "after SFT") if cfg.total_steps else None
+        state = {"config": dataclasses.asdict(cfg), "update": 0, "rows": [], "sft_eval": sft_eval,
+                 "seconds": {"sft": t1 - t0, "eval_sft": time.time() - t1}}
     else:
         state = load_checkpoint(ckpt_path, agent, opt, runner)
         state["config"] = dataclasses.asdict(cfg)
@@ -776,19 +760,25 @@ def main(argv=None):
     # The model that is saved is the one evaluated: LoRA merged, trained weights cast to --dtype.
     merge_lora(agent.vlm)
     cast(agent.vlm.parameters(), agent.dtype)
+    t0 = time.time()
     final = evaluations(agent, env_cls, cfg, "after RL" if rows else "evaluation")
     before = state["sft_eval"] or final  # no RL: the saved model is the SFT model
+
+    # where the time went, by phase (RL: the sums over its updates)
+    seconds = dict(state.get("seconds", {}))
+    for phase in ("gen", "score", "ppo"):
+        seconds[f"rl_{phase}"] = sum(row[f"{phase}_seconds"] for row in rows)
+    seconds["eval_rl"] = time.time() - t0
+    seconds = {k: round(v, 1) for k, v in seconds.items()}
 
     def sampled(e, key):
         return e and e["sampled"][key]
 
-    summary = {"sft_success": sampled(before, "success"),
-               "rl_success": sampled(final, "success"),
+    summary = {"sft_success": sampled(before, "success"), "rl_success": sampled(final, "success"),
                "sft_invalid_rate": sampled(before, "invalid_rate"),
-               "invalid_rate": sampled(final, "invalid_rate"),
-               "eval_episodes": cfg.eval_episodes,
+               "invalid_rate": sampled(final, "invalid_rate"), "eval_episodes": cfg.eval_episodes,
                "eval": {"sft": before, "rl": final},
-               "wall_seconds": round(time.time() - t_start, 1),
+               "wall_seconds": round(time.time() - t_start, 1), "seconds": seconds,
                "config": dataclasses.asdict(cfg)}
     if rank == 0:  # under torchrun every rank holds the same weights and figures
         save_model(agent, os.path.join(cfg.out_dir, "model"))
@@ -799,11 +789,10 @@ def main(argv=None):
         dist.destroy_process_group()
     return summary
 
-# =============================================================================
-# What follows makes it run on any model and machine: the built-in tiny model, loading hub
-# models with LoRA and mixed precision, the per-family details of prompt tensors, torchrun,
-# checkpoints and the episode viewer. The method above does not depend on any of it.
-# =============================================================================
+# =================================================================================================
+# What follows makes it run on any model and machine: the built-in tiny model, hub models with
+# LoRA and mixed precision, each VLM family's prompt tensors, torchrun and checkpoints.
+# =================================================================================================
 
 # --- The built-in tiny VLM: a real Llava with a BPE tokenizer trained offline
 
@@ -813,10 +802,9 @@ def train_bpe(corpus, vocab_size, special_tokens):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
-                                  show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(corpus, trainer)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return bpe
 
 def build_tiny_model(env_cls, seed=0):
@@ -836,11 +824,12 @@ def build_tiny_model(env_cls, seed=0):
             if env.step(rng.randrange(len(env.action_names)))[2]:
                 env.reset()
         corpus.append(env.demo(0.5, rng, cot=i % 4 > 0))
-    bpe = train_bpe(corpus, 384, ["<pad>", "<s>", "</s>", "<image>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=train_bpe(corpus, 384, ["<pad>", "<s>", "</s>", "<image>"]),
+        pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"})
 
-    # the processor: one image token per 14-px patch, plus one (CLIP's class token)
+    # the processor: an image token per 14-px patch, plus CLIP's class token
     size, patch = env_cls.image_size, 14
     image_proc = CLIPImageProcessorPil(size={"shortest_edge": size},
                                        crop_size={"height": size, "width": size},
@@ -849,7 +838,7 @@ def build_tiny_model(env_cls, seed=0):
                                vision_feature_select_strategy="default",
                                num_additional_image_tokens=1)
 
-    # the model: CLIP 64-d, 2 layers; Llama 128-d, 2 layers
+    # the model: CLIP 64-d and Llama 128-d, 2 layers each
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                               num_attention_heads=2, image_size=size, patch_size=patch)
     text = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
@@ -862,7 +851,7 @@ def build_tiny_model(env_cls, seed=0):
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config), processor
 
-# --- The agent: a VLM, a value head, LoRA, precision
+# --- The agent: a VLM and a value head; LoRA; precision
 
 class Agent(nn.Module):
     """The VLM policy plus a value head: an MLP on the last prompt token's final hidden state.
@@ -895,7 +884,7 @@ class Agent(nn.Module):
 
 def end_of_turn_ids(vlm, processor):
     """Every id that ends a reply, the one SFT teaches first. Chat models have their own (Qwen
-    <|im_end|>, Gemma <end_of_turn>, Llama-3 <|eot_id|>), named by the chat template and the
+    <|im_end|>, Gemma <end_of_turn>, Llama-3 <|eot_id|>): read from the chat template and the
     generation config."""
     tok, ids = processor.tokenizer, []
     try:  # the token the chat template writes right after an assistant reply, if a special one
@@ -903,14 +892,12 @@ def end_of_turn_ids(vlm, processor):
                 {"role": "assistant", "content": [{"type": "text", "text": "XQZ"}]}]
         after = processor.apply_chat_template(turn).split("XQZ", 1)[1]
         end = tok(after, add_special_tokens=False).input_ids[:1]
-        special = set(tok.all_special_ids)
-        added = tok.get_added_vocab()
+        special, added = set(tok.all_special_ids), tok.get_added_vocab()
         ids += [i for i in end if i in special or tok.convert_ids_to_tokens(i) in added]
     except Exception:  # no chat template (the tiny model), or one without assistant turns
         pass
     eos = vlm.generation_config.eos_token_id  # None, an id or a list of ids
-    ids += eos if isinstance(eos, list) else [eos]
-    ids.append(tok.eos_token_id)
+    ids += (eos if isinstance(eos, list) else [eos]) + [tok.eos_token_id]
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 class LoRALinear(nn.Module):
@@ -931,8 +918,7 @@ class LoRALinear(nn.Module):
     def merged(self):
         """The plain nn.Linear with the adapter folded in (in float32, then cast once)."""
         w = self.base.weight
-        delta = self.scale * (self.B @ self.A).detach().float()
-        w.data = (w.data.float() + delta).to(w.dtype)
+        w.data = (w.data.float() + self.scale * (self.B @ self.A).detach().float()).to(w.dtype)
         return self.base
 
 def add_lora(vlm, rank, alpha):
@@ -953,8 +939,7 @@ def merge_lora(vlm):
 
 UNSUPPORTED = {
     "mllama": "its 4-D cross-attention mask is not extended over answer tokens when scoring",
-    "florence2": "encoder-decoder models are not scored (the answer log-prob assumes a "
-                 "decoder-only VLM)",
+    "florence2": "encoder-decoder models are not scored (the log-prob assumes a decoder-only VLM)",
 }
 
 def load_agent(cfg, env_cls):
@@ -985,7 +970,7 @@ def load_agent(cfg, env_cls):
     return agent.to(cfg.device)
 
 def load_hub_model(name, dtype):
-    """A hub id or local directory -> (VLM, processor); a clear one-line error if it fails."""
+    """A hub id or local directory -> (VLM, processor), or a one-line error."""
     from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
     hub_logging.set_verbosity_error()  # one error line below instead of a retry log
@@ -995,10 +980,9 @@ def load_hub_model(name, dtype):
             sys.exit(f"vlm_rl.py: error: {model_type} models are not supported: "
                      f"{UNSUPPORTED[model_type]}")
         vlm = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(name)
+        return vlm, AutoProcessor.from_pretrained(name)
     except Exception as e:  # missing path, no network, unsupported architecture...
         sys.exit(f"vlm_rl.py: error: cannot load model {name!r}: {str(e).splitlines()[0]}")
-    return vlm, processor
 
 def cast(params, dtype):
     """Parameters only: buffers such as RoPE frequencies keep the dtype the model gave them."""
@@ -1018,8 +1002,8 @@ def prompt_text(processor, prompt):
     """The prompt in the model's chat template (one image, one user turn), if it has one."""
     if getattr(processor, "chat_template", None):
         content = [{"type": "image"}, {"type": "text", "text": prompt}]
-        msg = [{"role": "user", "content": content}]
-        return processor.apply_chat_template(msg, add_generation_prompt=True)
+        return processor.apply_chat_template([{"role": "user", "content": content}],
+                                             add_generation_prompt=True)
     return f"{processor.image_token}\n{prompt}\n"
 
 def encode_prompts(agent, images, text):
@@ -1042,15 +1026,13 @@ def prompt_sample(inputs, j, answer, action_start=0):
             prompt[k] = v[j][keep].cpu()
         elif k == "pixel_values" and "image_grid_thw" in inputs:
             # Qwen-VL: [patches of all images, D], one image a prompt
-            sizes = inputs["image_grid_thw"].prod(-1).tolist()
-            extra[k] = v.split(sizes)[j].cpu()
+            extra[k] = v.split(inputs["image_grid_thw"].prod(-1).tolist())[j].cpu()
         else:
             extra[k] = v[j:j + 1].cpu()
     return Sample(prompt, extra, answer, action_start)
 
-# Per-token processor outputs (besides input_ids, attention_mask) and the value that generate()
-# gives them at sampled tokens, so that scoring sees what sampling saw. A missing one: collate
-# fails with a KeyError.
+# Per-token processor outputs (besides input_ids, attention_mask) and the value generate() gives
+# them at sampled tokens, so that scoring sees what sampling saw (a missing one: a KeyError).
 ANSWER_TOKEN_FILL = {
     "mm_token_type_ids": 0,              # Qwen-VL: text (its 3-D RoPE positions come from it)
     "token_type_ids": 0,                 # Gemma3: 0 = text, as generate() repeats it
@@ -1060,12 +1042,11 @@ ANSWER_TOKEN_FILL = {
 def collate(agent, batch, device):
     """Join left-padded prompts and right-padded answers: (inputs with [B, P + M] tensors, P).
     Other per-token tensors are padded alike, then filled over the answer (ANSWER_TOKEN_FILL)."""
-    pad = agent.tokenizer.pad_token_id or 0
     model_type = agent.vlm.config.model_type
     P = max(len(s.prompt["input_ids"]) for s in batch)
     M = max(len(s.answer) for s in batch)
     inputs = {k: torch.zeros(len(batch), P + M, dtype=v.dtype) for k, v in batch[0].prompt.items()}
-    inputs["input_ids"].fill_(pad)
+    inputs["input_ids"].fill_(agent.tokenizer.pad_token_id or 0)
     inputs["attention_mask"] = torch.zeros(len(batch), P + M, dtype=torch.long)
     for b, s in enumerate(batch):
         p, a = len(s.prompt["input_ids"]), len(s.answer)
@@ -1096,9 +1077,7 @@ def init_distributed(cfg):
 
 def world():
     """(rank, number of processes): (0, 1) unless torchrun launched this one."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 def gather(x):
     """[x of every rank], in rank order ([x] in a single process)."""
@@ -1109,9 +1088,7 @@ def gather(x):
 
 def average_gradients(params):
     """Each gradient -> its mean over the ranks (with LoRA only the adapters travel)."""
-    if not dist.is_initialized():
-        return
-    for p in params:
+    for p in params if dist.is_initialized() else []:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
@@ -1120,26 +1097,22 @@ def average_gradients(params):
 
 def save_checkpoint(path, agent, opt, runner, state):
     """What training changes: the trained tensors (with LoRA: adapters and value head, never the
-    frozen base), AdamW's state, the RNG states, the games and the metrics. Written to a
-    temporary file, then renamed: never half a checkpoint. Under torchrun rank 0 writes it, with
-    every rank's games and RNG states."""
+    frozen base), AdamW's state, RNG states, games and metrics. Written to a temporary file,
+    then renamed: never half a checkpoint. Rank 0 writes every rank's games and RNG states."""
     cuda_rng = agent.device.type == "cuda" and torch.cuda.get_rng_state().tolist()
     games = [{**vars(e), "rng": e.rng.getstate()} for e in runner.envs]
-    ranks = gather({"envs": games, "cuda_rng": cuda_rng,
-                    "runner_rng": runner.rng.getstate(), "python_rng": random.getstate(),
-                    "numpy_rng": np.random.get_state(legacy=False),
+    ranks = gather({"envs": games, "cuda_rng": cuda_rng, "runner_rng": runner.rng.getstate(),
+                    "python_rng": random.getstate(), "numpy_rng": np.random.get_state(legacy=False),
                     "torch_rng": torch.get_rng_state().tolist()})
     if world()[0] != 0:
         return
     opt_state = opt.state_dict()
     tensors = {f"param.{k}": p for k, p in agent.named_parameters() if p.requires_grad}
     for i, s in opt_state["state"].items():
-        for k, v in s.items():
-            tensors[f"opt.{i}.{k}"] = v
+        tensors.update({f"opt.{i}.{k}": v for k, v in s.items()})
     meta = {**state, "opt_groups": opt_state["param_groups"], "ranks": ranks}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata = {"state": json.dumps(meta, default=np.ndarray.tolist)}
-    save_file(tensors, path + ".tmp", metadata=metadata)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path + ".tmp",
+              metadata={"state": json.dumps(meta, default=np.ndarray.tolist)})
     os.replace(path + ".tmp", path)
 
 def load_checkpoint(path, agent, opt, runner):
@@ -1151,20 +1124,18 @@ def load_checkpoint(path, agent, opt, runner):
         meta = json.loads(f.metadata()["state"])
         t = {k: f.get_tensor(k) for k in f.keys()}
     ranks = meta.pop("ranks")
-    rank, world_size = world()
-    if len(ranks) != world_size:
+    if len(ranks) != world()[1]:
         sys.exit(f"vlm_rl.py: error: --resume: that run had {len(ranks)} process(es), "
-                 f"not {world_size}")
-    mine = ranks[rank]
+                 f"not {world()[1]}")
+    mine = ranks[world()[0]]
 
     # weights and optimizer
     params = {k: t[f"param.{k}"] for k, p in agent.named_parameters() if p.requires_grad}
     agent.load_state_dict(params, strict=False)
     opt_state = collections.defaultdict(dict)
-    for key in t:
-        if key.startswith("opt."):
-            _, i, name = key.split(".", 2)
-            opt_state[int(i)][name] = t[key]
+    for key in (k for k in t if k.startswith("opt.")):
+        _, i, name = key.split(".", 2)
+        opt_state[int(i)][name] = t[key]
     opt.load_state_dict({"state": dict(opt_state), "param_groups": meta.pop("opt_groups")})
 
     # games and random streams

@@ -111,8 +111,8 @@ def command(out, key, seed, quick):
     if any(os.path.exists(os.path.join(d, f)) for f in checkpoints):
         return [sys.executable, VLM_RL, "--resume", d]
     budget = QUICK if quick else []
-    return [sys.executable, VLM_RL, *RUNS.get(key, []), *budget, "--seed", str(seed),
-            "--out-dir", d]
+    return [sys.executable, VLM_RL, *RUNS.get(key, []), *budget, "--eval-greedy",
+            "--seed", str(seed), "--out-dir", d]
 
 
 def launch(cmd, d, threads, procs, stop):
