@@ -166,9 +166,12 @@ def parse_config(argv=None):
             parser.error(f"--{k.replace('_', '-')} is needed: {env} has no preset")
 
     # the defaults that depend on other settings
-    cfg.lr = cfg.lr or (1e-4 if cfg.lora_rank else 2e-5)
-    cfg.sft_lr = cfg.sft_lr or (1e-3 if cfg.lora_rank else 3e-4)
-    cfg.value_lr = cfg.value_lr or cfg.lr
+    if cfg.lr is None:
+        cfg.lr = 1e-4 if cfg.lora_rank else 2e-5
+    if cfg.sft_lr is None:
+        cfg.sft_lr = 1e-3 if cfg.lora_rank else 3e-4
+    if cfg.value_lr is None:
+        cfg.value_lr = cfg.lr
     cfg.max_new_tokens = cfg.max_new_tokens or (256 if cfg.model else 48)
     cfg.demo_noise = ENVS[env].default_noise if cfg.demo_noise is None else cfg.demo_noise
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
