@@ -510,6 +510,7 @@ def ppo_update(agent, opt, samples, old_logp, advantages, returns, old_values, c
     for epoch in range(cfg.epochs):
         for mb in torch.randperm(len(samples)).split(cfg.minibatch_size):
             opt.zero_grad()
+            finite = True
             # gradient accumulation over micro-batches (all at once without --micro-batch)
             for part in mb.split(cfg.micro_batch or len(mb)):
                 batch = [samples[i] for i in part.tolist()]
@@ -527,13 +528,15 @@ def ppo_update(agent, opt, samples, old_logp, advantages, returns, old_values, c
                 entropy = torch.where(action_mask & valid, entropy, 0.0).sum(-1).mean()
                 loss = loss - cfg.ent_coef * entropy
 
-                # NaN/inf in log-probs or values on any rank: every rank stops before stepping
-                if not all(gather(torch.isfinite(loss).item())):
-                    sys.exit(f"vlm_rl.py: error: non-finite loss in PPO update {update}; the last "
-                             f"good checkpoint (update {update - 1}) is kept in {cfg.out_dir}")
+                finite = finite and torch.isfinite(loss).item()
                 (loss * len(part) / len(mb)).backward()
                 stats.append([pg_loss.item(), v_loss.item(), entropy.item(),
                               loss_stats["approx_kl"], loss_stats["clip_frac"]])
+            # NaN/inf in log-probs or values on any rank: every rank stops before stepping
+            # (one collective a minibatch, not one a micro-batch)
+            if not all(gather(finite)):
+                sys.exit(f"vlm_rl.py: error: non-finite loss in PPO update {update}; the last "
+                         f"good checkpoint (update {update - 1}) is kept in {cfg.out_dir}")
             average_gradients(params)
             grad_norms.append(nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item())
             opt.step()

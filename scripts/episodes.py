@@ -37,8 +37,6 @@ def record(agent, env_cls, cfg, episodes, greedy=False):
     returns = collections.defaultdict(float)
 
     def watch(episode, picture, step, j):
-        if episode >= episodes:
-            return
         returns[episode] += step.rewards[j]
         text = agent.tokenizer.decode(step.samples[j].answer, skip_special_tokens=True)
         what = "INVALID answer, a random action played; " if step.invalid[j] else ""
